@@ -1,0 +1,194 @@
+"""Command line: `bigmodel {train,eval,sample,compile,tokenizer} ...` (also `python -m bigmodel`).
+
+    bigmodel train --gin_file=experiments/gpt_shakespeare_char.gin [--gin.NAME=VALUE ...] --workdir=DIR
+    bigmodel eval --workdir=DIR
+    bigmodel sample --workdir=DIR --prompt "ROMEO:" --num_tokens 200 --temperature 0.8 --top_k 40
+    bigmodel compile --gin_file=... --mesh data=2,fsdp=2,tensor=2
+    bigmodel tokenizer train --input FILES --vocab_size N --model_type {unigram,bpe,char} --out PREFIX
+
+jax is imported only after the arguments are read, so that `compile` can ask for
+fake CPU devices first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="bigmodel", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True)
+
+  def gin_args(sp, workdir_required=True):
+    sp.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+    sp.add_argument("--workdir", required=workdir_required, help="run directory")
+
+  t = sub.add_parser("train", help="train or resume a model")
+  gin_args(t)
+  e = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
+  gin_args(e)
+  s = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
+  gin_args(s)
+  s.add_argument("--prompt", default="")
+  s.add_argument("--num_tokens", type=int, default=200)
+  s.add_argument("--temperature", type=float, default=0.8)
+  s.add_argument("--top_k", type=int, default=0)
+  s.add_argument("--seed", type=int, default=0)
+  c = sub.add_parser("compile", help="ahead-of-time compile the train step for a mesh")
+  gin_args(c, workdir_required=False)
+  c.add_argument("--mesh", default="", help="e.g. data=2,fsdp=2,tensor=2 (default: the config's)")
+  c.add_argument("--devices", type=int, default=0, help="fake CPU devices (default: mesh size or 8)")
+  tok = sub.add_parser("tokenizer", help="tokenizer tools")
+  tsub = tok.add_subparsers(dest="tok_command", required=True)
+  tt = tsub.add_parser("train", help="train a SentencePiece model")
+  tt.add_argument("--input", nargs="+", required=True, help="text files")
+  tt.add_argument("--vocab_size", type=int, required=True)
+  tt.add_argument("--model_type", choices=("unigram", "bpe", "char"), default="unigram")
+  tt.add_argument("--out", default="tokenizer", help="output prefix (writes PREFIX.model, PREFIX.vocab)")
+  tt.add_argument("--special_tokens", nargs="*", default=[],
+                  help="reserved symbols, e.g. [CLS] [SEP] [MASK]")
+  return p
+
+
+def _split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
+  """Pulls `--gin.NAME=VALUE` out of argv (argparse cannot express that family)."""
+  rest, bindings = [], []
+  for arg in argv:
+    if arg.startswith("--gin."):
+      body = arg[len("--gin."):]
+      if "=" not in body:
+        raise SystemExit(f"bigmodel: error: {arg}: expected --gin.NAME=VALUE")
+      bindings.append(body)
+    else:
+      rest.append(arg)
+  return rest, bindings
+
+
+def _setup_logging():
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "orbax", "jax", "tensorflow", "etils"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  except ImportError:
+    pass
+
+
+def _load_config(args, bindings):
+  from bigmodel import config
+  files = list(args.gin_file)
+  if not files and getattr(args, "workdir", None):
+    saved = os.path.join(args.workdir, "config.gin")
+    if not os.path.exists(saved):
+      raise config.ConfigError(f"{saved} does not exist: pass --gin_file, or a --workdir "
+                               f"written by `bigmodel train`")
+    files = [saved]
+  return config.load(files, bindings)
+
+
+def cmd_train(args, bindings):
+  from bigmodel import config
+  from bigmodel.train import loop
+  exp = _load_config(args, bindings)
+  summary = loop.train(exp, args.workdir, config.operative_config())
+  _print_summary(summary)
+
+
+def _print_summary(summary: dict):
+  import jax
+  if jax.process_index() != 0:
+    return
+  if "sample" in summary:
+    print("\n--- sample ---\n" + summary["sample"] + "\n--------------")
+  tps = summary.get("tokens_per_sec")
+  mfu = summary.get("mfu")
+  print(f"final: step {summary['step']} | validation loss {summary['validation_loss']:.4f} | "
+        f"{tps or 0:,.0f} tokens/s | MFU {(mfu or 0):.1%} of {summary['peak_flops'] / 1e9:.1f} "
+        f"GFLOP/s ({summary['peak_flops_source']}) | wall {summary['wall_time_s']:.1f}s "
+        f"(training {summary['train_time_s']:.1f}s)", flush=True)
+
+
+def cmd_eval(args, bindings):
+  from bigmodel.train import loop
+  exp = _load_config(args, bindings)
+  result = loop.eval_checkpoint(args.workdir, exp)
+  print(json.dumps(result, indent=1))
+
+
+def cmd_sample(args, bindings):
+  from bigmodel.infer import sample
+  from bigmodel.train import loop
+  exp = _load_config(args, bindings)
+  comp, params, tokenizer, _ = loop.restore_for_inference(args.workdir, exp)
+  text = sample.generate(comp.model, params, tokenizer, args.prompt, args.num_tokens,
+                         exp.data.seq_len, temperature=args.temperature, top_k=args.top_k,
+                         seed=args.seed)
+  print(text)
+
+
+def cmd_compile(args, bindings):
+  from bigmodel import aot, config
+  exp = _load_config(args, bindings)
+  mesh_cfg = config.parse_mesh(args.mesh) if args.mesh else exp.mesh
+  report = aot.compile_train_step(exp, mesh_cfg)
+  print(aot.format_report(report))
+
+
+def cmd_tokenizer(args, bindings):
+  from bigmodel.data import tokenizers
+  path = tokenizers.train_sentencepiece(args.input, args.vocab_size, args.model_type, args.out,
+                                        special_tokens=args.special_tokens)
+  tok = tokenizers.SentencePieceTokenizer(path)
+  print(f"wrote {path} ({tok.vocab_size} pieces)")
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "compile": cmd_compile,
+            "tokenizer": cmd_tokenizer}
+
+
+def _fake_devices_for_compile(argv: list[str], args) -> None:
+  """`compile` runs on fake CPU devices: ask XLA for enough before jax is imported."""
+  if args.command != "compile" or "jax" in sys.modules:
+    return
+  n = args.devices
+  if not n and args.mesh:
+    sizes = [int(part.split("=")[1]) for part in args.mesh.split(",") if "=" in part]
+    n = math.prod(s for s in sizes if s > 0) if sizes else 8
+  n = n or 8
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, bindings = _split_gin_bindings(argv)
+  args = _parser().parse_args(rest)
+  _fake_devices_for_compile(rest, args)
+  _setup_logging()
+  from bigmodel.config import ConfigError
+  from bigmodel.data.sources import DataError
+  from bigmodel.train.checkpoint import CheckpointError
+  from bigmodel.train.loop import TrainingError
+  try:
+    COMMANDS[args.command](args, bindings)
+  except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
+    print(f"bigmodel {args.command}: error: {e}", file=sys.stderr, flush=True)
+    return EXIT_USAGE
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,175 @@
+"""Language-model input: documents -> token stream -> packed rows -> global batches.
+
+Documents are tokenized once (EOS after each when the tokenizer has one) and
+concatenated into one stream. A row is a window of `seq_len + 1` tokens starting
+every `window_stride` tokens; documents pack into rows back to back, and each
+token carries its document as segment id, so attention never crosses a boundary
+and positions restart at each document.
+
+The pipeline is a pure function of (seed, example index): the batch at step i is
+examples [i*B, (i+1)*B) of a per-epoch stateless shuffle (`index_shuffle`). The data
+position in a checkpoint is therefore the step, and resuming is exact. Each host
+builds only its slice of every global batch, which `jax.make_array_from_process_local_data`
+turns into one global array sharded over (data, fsdp).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from bigmodel.config import DataConfig
+from bigmodel.data import sources, tokenizers
+from bigmodel.data.sources import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TokenStream:
+  tokens: np.ndarray       # int32 [n]
+  doc_start: np.ndarray    # int32 [n]: index in the stream where each token's document starts
+
+  def __len__(self):
+    return len(self.tokens)
+
+  @classmethod
+  def from_documents(cls, docs, tokenizer, add_eos: bool) -> "TokenStream":
+    pieces, starts, offset = [], [], 0
+    eos = tokenizer.eos_id if add_eos else None
+    for doc in docs:
+      ids = tokenizer.encode_array(doc)
+      if eos is not None:
+        ids = np.append(ids, np.int32(eos))
+      pieces.append(ids.astype(np.int32))
+      starts.append(np.full(len(ids), offset, np.int32))
+      offset += len(ids)
+    if not pieces:
+      return cls(np.zeros(0, np.int32), np.zeros(0, np.int32))
+    return cls(np.concatenate(pieces), np.concatenate(starts))
+
+  def split(self, fraction: float) -> tuple["TokenStream", "TokenStream"]:
+    """First (1 - fraction) of tokens, then the rest (documents cut at the seam)."""
+    cut = int(round(len(self) * (1 - fraction)))
+    tail_start = np.maximum(self.doc_start[cut:] - cut, 0).astype(np.int32)
+    return TokenStream(self.tokens[:cut], self.doc_start[:cut]), TokenStream(self.tokens[cut:], tail_start)
+
+
+def num_rows(n_tokens: int, seq_len: int, stride: int) -> int:
+  return max(0, (n_tokens - (seq_len + 1)) // stride + 1)
+
+
+def _rows_fn(stream: TokenStream, seq_len: int, stride: int):
+  """Returns f(row_ids [n]) -> dict of [n, seq_len] tensors."""
+  tokens = tf.constant(stream.tokens)
+  doc_start = tf.constant(stream.doc_start)
+  offsets = tf.range(seq_len + 1, dtype=tf.int32)
+
+  def rows(row_ids):
+    starts = tf.cast(row_ids, tf.int32) * stride
+    idx = starts[:, None] + offsets[None, :]                  # [n, T+1]
+    tok = tf.gather(tokens, idx)
+    dst = tf.gather(doc_start, idx)
+    same_doc = tf.cast(tf.equal(dst[:, 1:], dst[:, :-1]), tf.float32)
+    positions = idx[:, :-1] - tf.maximum(dst[:, :-1], starts[:, None])
+    return {
+        "inputs": tok[:, :-1],
+        "targets": tok[:, 1:],
+        "positions": positions,
+        "segment_ids": dst[:, :-1] + 1,                          # 0 is reserved for padding
+        "weights": same_doc,
+    }
+  return rows
+
+
+def _shuffled(k, n_rows: int, seed: int):
+  """Example indices k (one batch, ascending) -> row ids, reshuffled every epoch."""
+  epoch = k // n_rows
+  within = k % n_rows
+  first = epoch[0]
+  shuffle = lambda e: tf.random.experimental.index_shuffle(
+      within, seed=tf.stack([tf.constant(seed, tf.int64), e]),
+      max_index=n_rows - 1)
+  return tf.where(epoch == first, shuffle(first), shuffle(first + 1))
+
+
+def batches(stream: TokenStream, seq_len: int, stride: int, global_batch: int, *, seed: int,
+            shuffle: bool, start_step: int = 0, num_steps: int | None = None,
+            process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
+  """This host's slices of global batches start_step, start_step+1, ... as a tf.data pipeline."""
+  n_rows = num_rows(len(stream), seq_len, stride)
+  if n_rows == 0:
+    raise DataError(f"the dataset has {len(stream)} tokens, fewer than one row of "
+                    f"seq_len + 1 = {seq_len + 1}; add data or lower SEQ_LEN")
+  if shuffle and global_batch > n_rows:
+    raise DataError(f"the dataset has {n_rows} rows of {seq_len + 1} tokens, fewer than one batch "
+                    f"of {global_batch}; add data, or lower BATCH_SIZE or SEQ_LEN")
+  per_host = global_batch // process_count
+  rows = _rows_fn(stream, seq_len, stride)
+  stop = start_step + num_steps if num_steps is not None else np.iinfo(np.int64).max // global_batch
+
+  def make(step):
+    k = step * global_batch + process_index * per_host + tf.range(per_host, dtype=tf.int64)
+    row_ids = _shuffled(k, n_rows, seed) if shuffle else k % n_rows
+    return rows(row_ids)
+
+  ds = tf.data.Dataset.range(start_step, stop).map(make, num_parallel_calls=tf.data.AUTOTUNE,
+                                                   deterministic=True)
+  return ds.prefetch(2)
+
+
+@dataclasses.dataclass
+class LMData:
+  """Train/validation streams and their tokenizer, for one run."""
+  cfg: DataConfig
+  tokenizer: object
+  train: TokenStream
+  val: TokenStream
+  source: str
+
+  @classmethod
+  def build(cls, cfg: DataConfig, tokenizer=None) -> "LMData":
+    train_docs, val_docs, source = sources.lm_documents(cfg)
+    if not any(d.strip() for d in train_docs):
+      raise DataError(f"the training data ({source}) is empty: it holds no text")
+    if tokenizer is None:
+      tokenizer = tokenizers.build(cfg.tokenizer, train_docs)
+    stream = TokenStream.from_documents(train_docs, tokenizer, cfg.add_eos)
+    if val_docs is None:
+      train, val = stream.split(cfg.val_fraction)
+    else:
+      train, val = stream, TokenStream.from_documents(val_docs, tokenizer, cfg.add_eos)
+    log.info("data: %s; %d train tokens, %d validation tokens, vocab %d", source, len(train),
+             len(val), tokenizer.vocab_size)
+    return cls(cfg, tokenizer, train, val, source)
+
+  @property
+  def stride(self) -> int:
+    return self.cfg.window_stride or self.cfg.seq_len
+
+  def train_batches(self, global_batch: int, start_step: int = 0) -> tf.data.Dataset:
+    return batches(self.train, self.cfg.seq_len, self.stride, global_batch, seed=self.cfg.seed,
+                   shuffle=True, start_step=start_step, process_index=jax.process_index(),
+                   process_count=jax.process_count())
+
+  def eval_batches(self, global_batch: int) -> tf.data.Dataset:
+    n_rows = num_rows(len(self.val), self.cfg.seq_len, self.cfg.seq_len)
+    steps = max(1, min(self.cfg.eval_batches, -(-n_rows // global_batch)))
+    return batches(self.val, self.cfg.seq_len, self.cfg.seq_len, global_batch, seed=self.cfg.seed,
+                   shuffle=False, num_steps=steps, process_index=jax.process_index(),
+                   process_count=jax.process_count())
+
+
+def to_global(batch: dict, sharding) -> dict:
+  """Host-local numpy slices -> global jax.Arrays with the batch sharding."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def global_iterator(ds: tf.data.Dataset, sharding) -> Iterator[dict]:
+  for batch in ds.as_numpy_iterator():
+    yield to_global(batch, sharding)

@@ -1,0 +1,170 @@
+"""Tokenizers: character, byte and SentencePiece, behind one small interface.
+
+A run saves its tokenizer into the workdir (`tokenizer.json` or `tokenizer.model`)
+so that eval and sample read exactly what training used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  eos_id: int | None
+
+  def encode(self, text: str) -> list[int]: ...
+  def decode(self, ids: Sequence[int]) -> str: ...
+  def save(self, directory: str) -> str: ...
+
+
+class CharTokenizer:
+  """One id per character seen in the training text (nanoGPT's Shakespeare setup).
+
+  No EOS: a character corpus is one stream.
+  """
+  eos_id = None
+
+  def __init__(self, chars: Sequence[str]):
+    self.chars = list(chars)
+    self.index = {c: i for i, c in enumerate(self.chars)}
+    self.vocab_size = len(self.chars)
+
+  @classmethod
+  def fit(cls, texts: Sequence[str]) -> "CharTokenizer":
+    return cls(sorted(set().union(*map(set, texts))))
+
+  def encode(self, text: str) -> list[int]:
+    try:
+      return [self.index[c] for c in text]
+    except KeyError as e:
+      raise ValueError(f"character {e.args[0]!r} is not in the character vocabulary "
+                       f"({self.vocab_size} characters seen in training)") from None
+
+  def encode_array(self, text: str) -> np.ndarray:
+    lut = np.full(max(map(ord, self.chars)) + 1, -1, np.int32)
+    lut[[ord(c) for c in self.chars]] = np.arange(self.vocab_size, dtype=np.int32)
+    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    if codes.size and codes.max() >= lut.size or (lut[codes] < 0).any():
+      self.encode(text)  # raises with the offending character
+    return lut[codes]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return "".join(self.chars[i] for i in ids if 0 <= i < self.vocab_size)
+
+  def save(self, directory: str) -> str:
+    path = os.path.join(directory, "tokenizer.json")
+    with open(path, "w") as f:
+      json.dump({"type": "char", "chars": self.chars}, f)
+    return path
+
+
+class ByteTokenizer:
+  """UTF-8 bytes 0..255, plus EOS = 256."""
+  vocab_size = 257
+  eos_id = 256
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+  def save(self, directory: str) -> str:
+    path = os.path.join(directory, "tokenizer.json")
+    with open(path, "w") as f:
+      json.dump({"type": "byte"}, f)
+    return path
+
+
+class SentencePieceTokenizer:
+  def __init__(self, model_path: str):
+    import sentencepiece as spm
+    if not os.path.exists(model_path):
+      raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist; train one with "
+                              f"`bigmodel tokenizer train --input FILES --vocab_size N --out PREFIX`")
+    self.path = model_path
+    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.vocab_size = self.sp.get_piece_size()
+    eos = self.sp.eos_id()
+    self.eos_id = eos if eos >= 0 else None
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.encode(text)
+
+  def encode_array(self, text: str) -> np.ndarray:
+    return np.asarray(self.sp.encode(text), np.int32)
+
+  def piece_to_id(self, piece: str) -> int:
+    return self.sp.piece_to_id(piece)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.sp.decode([int(i) for i in ids])
+
+  def save(self, directory: str) -> str:
+    path = os.path.join(directory, "tokenizer.model")
+    if os.path.abspath(path) != os.path.abspath(self.path):
+      shutil.copyfile(self.path, path)
+    return path
+
+
+def build(spec: str, texts: Sequence[str] | None = None):
+  """`char` (fit on texts), `byte`, or a path to a SentencePiece `.model`."""
+  if spec == "char":
+    if not texts:
+      raise ValueError("a char tokenizer needs training text to fit its vocabulary")
+    return CharTokenizer.fit(texts)
+  if spec == "byte":
+    return ByteTokenizer()
+  return SentencePieceTokenizer(spec)
+
+
+def load(directory: str):
+  """The tokenizer a run saved into its workdir."""
+  sp_path = os.path.join(directory, "tokenizer.model")
+  if os.path.exists(sp_path):
+    return SentencePieceTokenizer(sp_path)
+  path = os.path.join(directory, "tokenizer.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {directory!r}: "
+                            f"is it the workdir of a `bigmodel train` run?")
+  with open(path) as f:
+    spec = json.load(f)
+  if spec["type"] == "char":
+    return CharTokenizer(spec["chars"])
+  if spec["type"] == "byte":
+    return ByteTokenizer()
+  raise ValueError(f"{path}: unknown tokenizer type {spec['type']!r}")
+
+
+def train_sentencepiece(inputs: Sequence[str], vocab_size: int, model_type: str, out_prefix: str,
+                        special_tokens: Sequence[str] = (), character_coverage: float = 1.0,
+                        max_sentence_length: int = 16384) -> str:
+  """Trains a SentencePiece model on text files; returns the `.model` path.
+
+  `special_tokens` are reserved as user-defined symbols (e.g. [CLS] [SEP] [MASK]).
+  ids: 0 <pad>, 1 <unk>, 2 <s>, 3 </s> (eos), then the special tokens.
+  """
+  import sentencepiece as spm
+  if model_type not in ("unigram", "bpe", "char", "word"):
+    raise ValueError(f"--model_type {model_type!r}: expected unigram, bpe or char")
+  missing = [p for p in inputs if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f"tokenizer input files do not exist: {missing}")
+  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
+  spm.SentencePieceTrainer.train(
+      input=",".join(inputs), model_prefix=out_prefix, vocab_size=vocab_size,
+      model_type=model_type, character_coverage=character_coverage,
+      pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+      user_defined_symbols=",".join(special_tokens) if special_tokens else "",
+      max_sentence_length=max_sentence_length, minloglevel=2,
+      train_extremely_large_corpus=False, hard_vocab_limit=model_type != "char")
+  return out_prefix + ".model"

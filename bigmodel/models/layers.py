@@ -1,0 +1,236 @@
+"""Transformer layers shared by the decoder (GPT) and the encoder (BERT).
+
+Einsum letters, used in every module of this package:
+  b batch   s query length   t key length   d model width
+  h heads   k head dim       f MLP hidden   v vocabulary   n the 3 of q/k/v
+
+Each parameter declares its shape, initializer and logical axes once, through
+`nn.with_logical_partitioning`; shardings and checkpoints derive from that.
+Parameter names are short and stable: checkpoints are keyed on them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from bigmodel.config import ModelConfig
+from bigmodel.sharding import constrain
+
+# Activation layouts (logical names; see sharding.RULES).
+BSD = ("act_batch", "act_len", "act_embed")
+BSF = ("act_batch", "act_len", "act_mlp")
+BSHK = ("act_batch", "act_len", "act_heads", "act_kv")
+BSV = ("act_batch", "act_len", "act_vocab")
+
+NEG_INF = -1e9
+
+
+def dtype_of(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def normal(std: float):
+  return nn.initializers.normal(stddev=std)
+
+
+def param_with_axes(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm, computed in float32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    d = x.shape[-1]
+    pdt = dtype_of(cfg.param_dtype)
+    scale = self.param("scale", param_with_axes(nn.initializers.ones, ("norm",)), (d,), pdt)
+    x32 = x.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      mean = x32.mean(-1, keepdims=True)
+      x32 = x32 - mean
+      var = jnp.mean(jnp.square(x32), -1, keepdims=True)
+      y = x32 * jax.lax.rsqrt(var + cfg.norm_eps) * scale
+      bias = self.param("bias", param_with_axes(nn.initializers.zeros, ("norm",)), (d,), pdt)
+      y = y + bias
+    else:
+      ms = jnp.mean(jnp.square(x32), -1, keepdims=True)
+      y = x32 * jax.lax.rsqrt(ms + cfg.norm_eps) * scale
+    return y.astype(dtype_of(cfg.dtype))
+
+
+def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+  """Rotary position embedding on [b, s, h, k] by integer positions [b, s]."""
+  k = x.shape[-1]
+  half = k // 2
+  freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle = positions[..., None].astype(jnp.float32) * freq          # b s k/2
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(segment_q: jax.Array, segment_k: jax.Array, causal: bool) -> jax.Array:
+  """Boolean [b, 1, s, t]: attend only within a segment (0 = padding), causally if asked."""
+  mask = (segment_q[:, :, None] == segment_k[:, None, :]) & (segment_k[:, None, :] != 0)
+  if causal:
+    s, t = segment_q.shape[1], segment_k.shape[1]
+    mask = mask & jnp.tril(jnp.ones((s, t), dtype=bool), k=t - s)
+  return mask[:, None, :, :]
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused q/k/v projection."""
+  cfg: ModelConfig
+  mesh: Mesh | None = None
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, positions):
+    cfg = self.cfg
+    dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    d, h, k = cfg.d_model, cfg.num_heads, cfg.dim_per_head
+    w_qkv = self.param("qkv", param_with_axes(normal(cfg.init_std), ("embed", "qkv", "heads", "kv")),
+                       (d, 3, h, k), pdt)
+    qkv = jnp.einsum("bsd,dnhk->nbshk", x, w_qkv.astype(dt))
+    if cfg.use_bias:
+      b_qkv = self.param("qkv_bias", param_with_axes(nn.initializers.zeros, ("qkv", "heads", "kv")),
+                         (3, h, k), pdt)
+      qkv = qkv + b_qkv.astype(dt)[:, None, None]
+    q, key, value = qkv[0], qkv[1], qkv[2]
+    q, key, value = (constrain(a, BSHK, self.mesh) for a in (q, key, value))
+    if cfg.positions == "rope":
+      q, key = rotary(q, positions), rotary(key, positions)
+    q = q * (k ** -0.5)
+    scores = jnp.einsum("bshk,bthk->bhst", q, key).astype(jnp.float32)
+    scores = jnp.where(mask, scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    if cfg.dropout > 0 and not self.deterministic:
+      probs = nn.Dropout(cfg.dropout)(probs, deterministic=False)
+    out = jnp.einsum("bhst,bthk->bshk", probs, value)
+    out = constrain(out, BSHK, self.mesh)
+    residual_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    w_out = self.param("out", param_with_axes(normal(residual_std), ("heads", "kv", "embed")),
+                       (h, k, d), pdt)
+    y = jnp.einsum("bshk,hkd->bsd", out, w_out.astype(dt))
+    if cfg.use_bias:
+      y = y + self.param("out_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (d,),
+                         pdt).astype(dt)
+    return constrain(y, BSD, self.mesh)
+
+
+class Mlp(nn.Module):
+  """GELU MLP or SwiGLU."""
+  cfg: ModelConfig
+  mesh: Mesh | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    d, f = cfg.d_model, cfg.mlp_dim
+    init = param_with_axes(normal(cfg.init_std), ("embed", "mlp"))
+    if cfg.mlp == "swiglu":
+      gate = jnp.einsum("bsd,df->bsf", x, self.param("wi_gate", init, (d, f), pdt).astype(dt))
+      up = jnp.einsum("bsd,df->bsf", x, self.param("wi", init, (d, f), pdt).astype(dt))
+      hidden = jax.nn.silu(gate) * up
+    else:
+      hidden = jnp.einsum("bsd,df->bsf", x, self.param("wi", init, (d, f), pdt).astype(dt))
+      if cfg.use_bias:
+        hidden = hidden + self.param("wi_bias", param_with_axes(nn.initializers.zeros, ("mlp",)),
+                                     (f,), pdt).astype(dt)
+      hidden = jax.nn.gelu(hidden, approximate=True)
+    hidden = constrain(hidden, BSF, self.mesh)
+    residual_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    w_out = self.param("wo", param_with_axes(normal(residual_std), ("mlp", "embed")), (f, d), pdt)
+    y = jnp.einsum("bsf,fd->bsd", hidden, w_out.astype(dt))
+    if cfg.use_bias:
+      y = y + self.param("wo_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (d,),
+                         pdt).astype(dt)
+    return constrain(y, BSD, self.mesh)
+
+
+class Block(nn.Module):
+  """One Transformer layer: attention then MLP, pre-norm (GPT-2) or post-norm (BERT).
+
+  Called as a scan body: `(x, mask, positions) -> (x, None)`.
+  """
+  cfg: ModelConfig
+  mesh: Mesh | None = None
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, positions):
+    cfg = self.cfg
+    drop = lambda y: (nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
+                      if cfg.dropout > 0 else y)
+    attn = Attention(cfg, self.mesh, self.deterministic, name="attn")
+    mlp = Mlp(cfg, self.mesh, name="mlp")
+    if cfg.pre_norm:
+      x = x + drop(attn(Norm(cfg, name="ln1")(x), mask, positions))
+      x = x + drop(mlp(Norm(cfg, name="ln2")(x)))
+    else:
+      x = Norm(cfg, name="ln1")(x + drop(attn(x, mask, positions)))
+      x = Norm(cfg, name="ln2")(x + drop(mlp(x)))
+    return constrain(x, BSD, self.mesh), None
+
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class BlockStack(nn.Module):
+  """`num_layers` Blocks, scanned (one compiled body, params stacked on `layers`) or unrolled."""
+  cfg: ModelConfig
+  mesh: Mesh | None = None
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, mask, positions):
+    cfg = self.cfg
+    block_cls = Block
+    if cfg.remat != "none":
+      block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(cfg, self.mesh, self.deterministic, name="layers")(x, mask, positions)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block_cls(cfg, self.mesh, self.deterministic, name=f"layer_{i}")(x, mask, positions)
+    return x
+
+
+class Embed(nn.Module):
+  """Token embedding table [v, d], also used to project back to logits when tied."""
+  num_embeddings: int
+  cfg: ModelConfig
+  axes: tuple[str, str] = ("vocab", "embed")
+
+  def setup(self):
+    self.embedding = self.param("embedding", param_with_axes(normal(self.cfg.init_std), self.axes),
+                                (self.num_embeddings, self.cfg.d_model),
+                                dtype_of(self.cfg.param_dtype))
+
+  def __call__(self, ids):
+    dt = dtype_of(self.cfg.dtype)
+    if self.cfg.one_hot_embed:
+      one_hot = jax.nn.one_hot(ids, self.num_embeddings, dtype=dt)
+      return jnp.einsum("bsv,vd->bsd", one_hot, self.embedding.astype(dt))
+    return jnp.take(self.embedding, ids, axis=0).astype(dt)
+
+  def attend(self, x):
+    dt = dtype_of(self.cfg.dtype)
+    return jnp.einsum("bsd,vd->bsv", x, self.embedding.astype(dt))

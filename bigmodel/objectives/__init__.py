@@ -1,0 +1,41 @@
+"""Objectives: losses and metrics, nothing else. Models never compute losses.
+
+An objective bundles:
+  model         the model family it trains (a key of `bigmodel.models.MODELS`)
+  loss_fn       (model, params, batch, deterministic, rngs) -> (summed loss, aux sums incl. "weight");
+                the train step divides by the total weight
+  summarize     sums (over microbatches or eval batches) -> metrics (means, accuracies)
+  model_args    batch -> the positional inputs of `model.apply` (used for init too)
+  example_batch (batch_size, seq_len) -> a dummy batch with the shapes and dtypes of real ones
+  build_data    (DataConfig, tokenizer or None) -> an object with `.tokenizer`,
+                `.train_batches(global_batch, start_step)` and `.eval_batches(global_batch)`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from bigmodel.objectives import lm
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  model: str
+  loss_fn: Callable
+  summarize: Callable
+  model_args: Callable
+  example_batch: Callable
+  build_data: Callable
+
+
+OBJECTIVES = {
+    "causal_lm": Objective("decoder", lm.causal_lm_loss, lm.summarize, lm.model_args,
+                           lm.example_batch, lm.build_data),
+}
+
+
+def get(name: str) -> Objective:
+  if name not in OBJECTIVES:
+    raise ValueError(f"unknown objective {name!r}; known: {sorted(OBJECTIVES)}")
+  return OBJECTIVES[name]

@@ -1,0 +1,60 @@
+"""Optax chains, learning-rate schedules and the weight-decay mask."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from bigmodel.config import ConfigError, OptimConfig
+
+NO_DECAY_NAMES = ("bias", "scale", "norm")
+
+
+def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup to the peak, then cosine, linear or constant decay."""
+  peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_fraction
+  warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup, 1)
+  if cfg.decay == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_lr_fraction)
+  elif cfg.decay == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif cfg.decay == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    raise ConfigError(f"OptimConfig.decay={cfg.decay!r}: expected cosine, linear or constant")
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def _path_names(path) -> list[str]:
+  return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
+def decay_mask(params):
+  """True where weight decay applies: matrices, not norms, biases or 1-D params."""
+  def decide(path, leaf):
+    names = _path_names(path)
+    if any(n in NO_DECAY_NAMES or n.endswith("_bias") or n.startswith("ln") for n in names):
+      return False
+    return getattr(leaf, "ndim", 2) >= 2
+  return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def make(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  lr = schedule(cfg, total_steps)
+  if cfg.name == "adamw":
+    opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                      mask=decay_mask)
+  elif cfg.name == "lamb":
+    opt = optax.lamb(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                     mask=decay_mask)
+  elif cfg.name == "adafactor":
+    opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None,
+                          weight_decay_mask=decay_mask)
+  else:
+    raise ConfigError(f"OptimConfig.name={cfg.name!r}: expected adamw, adafactor or lamb")
+  if cfg.clip_norm > 0:
+    opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
+  return opt, lr

@@ -1,0 +1,130 @@
+"""Mesh axes, THE logical-axis rule table, mesh construction, sharding helpers.
+
+Mesh axes:
+  data    pure data parallelism (params replicated)
+  fsdp    data parallelism with params, grads and optimizer state sharded (ZeRO-3)
+  tensor  Megatron-style model parallelism over heads and the MLP hidden dim
+
+Weights and activations carry different logical names (`embed` vs `act_embed`),
+so that sharding weights over `fsdp` never forces activations to follow.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import linen as nn
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from bigmodel.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# The one rule table: logical axis name -> mesh axis (or axes, or None).
+RULES: tuple[tuple[str, Any], ...] = (
+    # weights
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("qkv", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("pos", None),
+    ("classes", None),
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+RULE_NAMES = frozenset(name for name, _ in RULES)
+
+
+def resolve_mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f"mesh {cfg}: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if any(s == 0 or s < -1 for s in sizes) or num_devices % known:
+    raise ConfigError(f"mesh {cfg} does not fit {num_devices} devices: the axis sizes must "
+                      f"multiply to {num_devices} (use -1 for one axis to take the rest)")
+  if free:
+    sizes[free[0]] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices "
+                      f"but {num_devices} are available; set one axis to -1")
+  return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh with Auto axis types (set explicitly)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = resolve_mesh_shape(cfg, len(devices))
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def batch_size_per(mesh: Mesh) -> int:
+  """Number of ways the batch is split: data x fsdp."""
+  return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch(batch_size: int, mesh: Mesh, microbatches: int = 1) -> None:
+  ways = batch_size_per(mesh)
+  if batch_size % microbatches:
+    raise ConfigError(f"TrainConfig.batch_size={batch_size} is not divisible by "
+                      f"TrainConfig.microbatches={microbatches}")
+  micro = batch_size // microbatches
+  if micro % ways:
+    raise ConfigError(
+        f"batch size {micro} (TrainConfig.batch_size={batch_size} / microbatches={microbatches}) "
+        f"is not divisible by the data-parallel size {ways} (mesh data={mesh.shape['data']} x "
+        f"fsdp={mesh.shape['fsdp']}); choose a batch size that is a multiple of {ways} "
+        f"or change MeshConfig")
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) -> jax.Array:
+  """Sharding constraint on an activation by logical names (no-op without a mesh)."""
+  unknown = [a for a in axes if a is not None and a not in RULE_NAMES]
+  if unknown:
+    raise ValueError(f"logical axes {unknown} have no rule in bigmodel.sharding.RULES")
+  if mesh is None:
+    return x
+  return nn.with_logical_constraint(x, axes, rules=RULES, mesh=mesh)
+
+
+def logical_to_sharding(logical_specs: Any, mesh: Mesh) -> Any:
+  """Tree of logical PartitionSpecs -> tree of NamedShardings."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def logical_names(tree: Any) -> set[str]:
+  """All logical axis names in a tree of PartitionSpecs / boxed params."""
+  names: set[str] = set()
+  specs = nn.get_partition_spec(tree)
+  for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)):
+    if isinstance(spec, P):
+      for entry in spec:
+        if entry is None:
+          continue
+        names.update((entry,) if isinstance(entry, str) else entry)
+  return names

@@ -1,0 +1,1 @@
+"""Train state, the jitted step, the loop, checkpoints and metric writers."""

@@ -1,0 +1,240 @@
+"""The training entry point, in order: mesh, input, model and optimizer, shardings,
+step, restore, loop. Also eval of a finished run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from bigmodel import distributed, flops, models, objectives, optim, sharding
+from bigmodel.config import ConfigError, Experiment
+from bigmodel.data import lm as lm_data
+from bigmodel.data import tokenizers
+from bigmodel.train import checkpoint, state as state_lib, step as step_lib
+from bigmodel.train.metrics import MetricWriter
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+@dataclasses.dataclass
+class Components:
+  """Everything derived from the config and the mesh, before any data or params."""
+  exp: Experiment
+  mesh: Any
+  model: Any
+  objective: objectives.Objective
+  tx: Any
+  lr: Any
+  example: dict
+  abstract: Any       # abstract TrainState with shardings
+  state_sh: Any       # TrainState of NamedShardings
+
+  @classmethod
+  def build(cls, exp: Experiment, mesh) -> "Components":
+    sharding.check_batch(exp.train.batch_size, mesh, exp.train.microbatches)
+    objective = objectives.get(exp.train.objective)
+    model = models.build(objective.model, exp.model, mesh)
+    tx, lr = optim.make(exp.optim, exp.train.train_steps)
+    micro = exp.train.batch_size // exp.train.microbatches
+    example = objective.example_batch(micro, exp.data.seq_len)
+    abstract, state_sh = state_lib.state_shardings(model, tx, objective.model_args(example), mesh)
+    return cls(exp, mesh, model, objective, tx, lr, example, abstract, state_sh)
+
+  def init_state(self, rng):
+    return state_lib.init_state(self.model, self.tx, self.objective.model_args(self.example),
+                                self.mesh, rng)
+
+  def build_data(self, tokenizer=None):
+    return self.objective.build_data(self.exp.data, tokenizer)
+
+  def flops_per_token(self, causal: bool = False) -> float:
+    n = state_lib.param_count(self.abstract.params, exclude=("pos_embed",))
+    return flops.training_flops_per_token(self.exp.model, n, self.exp.data.seq_len, causal)
+
+  def train_step(self):
+    return step_lib.make_train_step(self.model, self.tx, self.lr, self.objective.loss_fn, self.mesh,
+                                    self.state_sh, microbatches=self.exp.train.microbatches,
+                                    seed=self.exp.train.seed)
+
+  def eval_step(self):
+    return step_lib.make_eval_step(self.model, self.objective.loss_fn, self.mesh, self.state_sh.params)
+
+
+def _check_vocab(exp: Experiment, tokenizer) -> None:
+  if tokenizer.vocab_size > exp.model.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but ModelConfig.vocab_size="
+                      f"{exp.model.vocab_size}; set ModelConfig.vocab_size >= {tokenizer.vocab_size}")
+
+
+def _existing_tokenizer(workdir: str):
+  try:
+    return tokenizers.load(workdir)
+  except FileNotFoundError:
+    return None
+
+
+def evaluate(comp: Components, params, data, eval_step=None) -> dict:
+  eval_step = eval_step or comp.eval_step()
+  batch_sh = sharding.batch_sharding(comp.mesh)
+  sums: dict[str, float] = {}
+  for batch in lm_data.global_iterator(data.eval_batches(comp.exp.train.batch_size), batch_sh):
+    out = jax.device_get(eval_step(params, batch))
+    for k, v in out.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+  return comp.objective.summarize(sums)
+
+
+def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
+  """Trains (or resumes) in `workdir`; returns the final figures."""
+  distributed.maybe_initialize()
+  wall_start = time.time()
+  tc = exp.train
+  # Mesh.
+  mesh = sharding.make_mesh(exp.mesh)
+  # Model, optimizer and shardings (cheap, abstract: fails fast on bad shapes).
+  comp = Components.build(exp, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints,
+                                 tc.async_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    ckpt.check_compatible(latest, comp.abstract)
+  # Input.
+  data = comp.build_data(_existing_tokenizer(workdir) if latest is not None else None)
+  _check_vocab(exp, data.tokenizer)
+  # Params: restored, or initialized sharded.
+  if latest is not None:
+    state, meta = ckpt.restore(latest, comp.abstract)
+    start = int(state.step)
+    if meta.get("data_step", start) != start:
+      raise TrainingError(f"checkpoint step {latest}: data position {meta.get('data_step')} != step {start}")
+    print(f"resumed from {ckpt.directory} step {start}", flush=True)
+  else:
+    state = comp.init_state(jax.random.key(tc.seed))
+    start = 0
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.gin"), "w") as f:
+      f.write(config_str)
+    data.tokenizer.save(workdir)
+  n_params = state_lib.param_count(state.params)
+  fpt = comp.flops_per_token()
+  peak, peak_how = flops.machine_peak(tc.peak_flops or None)
+  print(f"model: {n_params:,} params, {fpt / 1e6:.2f} MFLOPs/token (PaLM 6N+12LHQT); "
+        f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.1f} GFLOP/s {peak_how}", flush=True)
+
+  train_step, eval_step = comp.train_step(), comp.eval_step()
+  writer = MetricWriter(workdir, tc.train_steps)
+  batch_sh = sharding.batch_sharding(mesh)
+  tokens_per_step = tc.batch_size * exp.data.seq_len
+  eval_record: dict = {}
+
+  def run_eval(step):
+    nonlocal eval_record
+    result = evaluate(comp, state.params, data, eval_step)
+    eval_record = {"step": step, "split": "validation", **result}
+    writer.write(eval_record)
+    if jax.process_index() == 0:
+      print(f"eval step {step}: validation loss {result['loss']:.4f} "
+            f"(perplexity {result['perplexity']:.2f})", flush=True)
+
+  def save(step, force=False):
+    ckpt.save(step, state, {"data_step": step, "seed": exp.data.seed,
+                            "examples_seen": step * tc.batch_size}, force=force)
+
+  step = start
+  t_last, step_last = time.time(), start
+  train_time, timed_steps = 0.0, 0   # excludes the compiling first step, evals and saves
+  batches = lm_data.global_iterator(data.train_batches(tc.batch_size, start), batch_sh)
+  try:
+    for step in range(start + 1, tc.train_steps + 1):
+      batch = next(batches)
+      state, metrics = train_step(state, batch)
+      if step == start + 1:
+        jax.block_until_ready(metrics)
+        t_last, step_last = time.time(), step
+      if step % tc.log_every == 0 or step == tc.train_steps:
+        metrics = jax.device_get(metrics)
+        record = {"step": step, "loss": float(metrics["loss"]),
+                  "learning_rate": float(metrics["learning_rate"]),
+                  "grad_norm": float(metrics["grad_norm"]), "param_norm": float(metrics["param_norm"])}
+        if step > step_last:
+          now = time.time()
+          dt = (now - t_last) / (step - step_last)
+          train_time += now - t_last
+          timed_steps += step - step_last
+          t_last, step_last = now, step
+          record.update(step_time=dt, tokens_per_sec=tokens_per_step / dt,
+                        mfu=tokens_per_step / dt * fpt / peak)
+        record.update(comp.objective.summarize({k[4:]: v for k, v in metrics.items()
+                                                if k.startswith("sum/")}))
+        record.pop("perplexity", None)
+        if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
+          raise TrainingError(f"step {step}: loss {record['loss']}, grad norm {record['grad_norm']}"
+                              f" is not finite; lower OptimConfig.learning_rate or check the data")
+        writer.write(record)
+        writer.console(step, record, start)
+      if tc.eval_every and step % tc.eval_every == 0 and step != tc.train_steps:
+        jax.block_until_ready(state.step)
+        train_time += time.time() - t_last
+        timed_steps += step - step_last
+        run_eval(step)
+        t_last, step_last = time.time(), step
+      if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != tc.train_steps:
+        save(step)
+    if step > start or latest is None:
+      save(step, force=True)
+    run_eval(step)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+  summary = {"step": step, "params": n_params,
+             "validation_loss": eval_record.get("loss"),
+             "tokens_per_sec": timed_steps * tokens_per_step / train_time if train_time else None,
+             "mfu": None, "peak_flops": peak, "peak_flops_source": peak_how,
+             "wall_time_s": time.time() - wall_start, "train_time_s": train_time}
+  if summary["tokens_per_sec"]:
+    summary["mfu"] = summary["tokens_per_sec"] * fpt / peak
+  if tc.sample_len and jax.process_index() == 0:
+    from bigmodel.infer import sample as sample_lib
+    summary["sample"] = sample_lib.generate(comp.model, state.params, data.tokenizer,
+                                            tc.sample_prompt, tc.sample_len, exp.data.seq_len,
+                                            temperature=0.8, top_k=0, seed=tc.seed)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump({k: v for k, v in summary.items()}, f, indent=1)
+  return summary
+
+
+def restore_for_inference(workdir: str, exp: Experiment):
+  """(components, params, tokenizer) of the latest checkpoint in a workdir."""
+  mesh = sharding.make_mesh(exp.mesh)
+  comp = Components.build(exp, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise checkpoint.CheckpointError(f"no checkpoint in {workdir}/checkpoints: train first")
+  state, _ = ckpt.restore(latest, comp.abstract)
+  ckpt.close()
+  return comp, state.params, tokenizers.load(workdir), latest
+
+
+def eval_checkpoint(workdir: str, exp: Experiment) -> dict:
+  comp, params, tokenizer, step = restore_for_inference(workdir, exp)
+  data = comp.build_data(tokenizer)
+  result = evaluate(comp, params, data)
+  return {"step": step, **result}

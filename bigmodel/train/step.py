@@ -1,0 +1,75 @@
+"""The jitted train and eval steps: built once, explicit in/out shardings, state donated."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bigmodel import sharding
+from bigmodel.train.state import TrainState
+
+
+def _split_microbatches(batch: dict, k: int) -> dict:
+  """[b, ...] -> [k, b/k, ...], example i going to microbatch i % k, so that every
+  device keeps its rows (the batch dim stays sharded, no resharding)."""
+  def split(x):
+    x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
+                    loss_fn: Callable, mesh, state_sh, *, microbatches: int = 1,
+                    seed: int = 0) -> Callable:
+  """(state, batch) -> (state, metrics). `loss_fn(model, params, batch, deterministic, rngs)`
+  returns (summed loss, aux with a summed `weight`); the step divides by the total weight,
+  so k microbatches give the same update as one k-times-larger batch."""
+
+  def grads_of(params, batch, rng):
+    def f(p):
+      return loss_fn(model, p, batch, deterministic=False, rngs={"dropout": rng})
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+  def step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    if microbatches == 1:
+      (loss_sum, aux), grads = grads_of(state.params, batch, rng)
+    else:
+      micro = _split_microbatches(batch, microbatches)
+
+      def body(carry, xs):
+        i, mb = xs
+        (l, a), g = grads_of(state.params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, ((l, a), g)), None
+
+      zeros = jax.eval_shape(lambda: grads_of(state.params, jax.tree.map(lambda x: x[0], micro), rng))
+      init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+      ((loss_sum, aux), grads), _ = jax.lax.scan(body, init, (jnp.arange(microbatches), micro))
+    weight = jnp.maximum(aux["weight"], 1.0)
+    grads = jax.tree.map(lambda g: g / weight, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss_sum / weight,
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+        "learning_rate": lr_schedule(state.step),
+    }
+    metrics.update({f"sum/{k}": v for k, v in aux.items()})   # the objective summarizes these
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  batch_sh = sharding.batch_sharding(mesh)
+  return jax.jit(step, in_shardings=(state_sh, batch_sh),
+                 out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_step(model, loss_fn: Callable, mesh, params_sh) -> Callable:
+  """(params, batch) -> summed loss pieces (loss_sum, weight, ...), replicated."""
+  def step(params, batch):
+    loss_sum, aux = loss_fn(model, params, batch, deterministic=True, rngs=None)
+    return {"loss_sum": loss_sum, **aux}
+  return jax.jit(step, in_shardings=(params_sh, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))

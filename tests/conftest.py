@@ -1,0 +1,38 @@
+"""Tests run on CPU with 8 fake devices; the flag must be set before jax is imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("BIGMODEL_DATA_DIR") or ROOT.parent / "shared" / "data")
+
+
+@pytest.fixture
+def shared_data():
+  if not (SHARED_DATA / "tinyshakespeare" / "input.txt").exists():
+    pytest.skip(f"shared datasets not found at {SHARED_DATA}")
+  return SHARED_DATA
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+  """A small generated corpus: documents separated by blank lines."""
+  import random
+  rng = random.Random(0)
+  words = "the king queen lord lady sword crown castle night day love war peace".split()
+  docs = []
+  for _ in range(60):
+    sents = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) + "." for _ in range(rng.randint(2, 6))]
+    docs.append(" ".join(sents))
+  path = tmp_path / "corpus.txt"
+  path.write_text("\n\n".join(docs) + "\n")
+  return path
