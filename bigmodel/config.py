@@ -38,7 +38,7 @@ class ModelConfig:
   dropout: float = 0.0
   positions: str = "learned"   # learned | rope
   norm: str = "layernorm"      # layernorm | rmsnorm
-  mlp: str = "gelu"            # gelu | swiglu
+  mlp: str = "gelu"            # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | swiglu
   pre_norm: bool = True        # GPT-2 pre-LN; BERT uses post-LN
   use_bias: bool = True
   tie_embeddings: bool = True
@@ -53,7 +53,7 @@ class ModelConfig:
 
   def __post_init__(self):
     choices = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
-               "mlp": ("gelu", "swiglu"), "remat": ("none", "full", "dots"),
+               "mlp": ("gelu", "gelu_exact", "swiglu"), "remat": ("none", "full", "dots"),
                "dtype": ("float32", "bfloat16"), "param_dtype": ("float32", "bfloat16")}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:

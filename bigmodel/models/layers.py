@@ -148,7 +148,7 @@ class Mlp(nn.Module):
       if cfg.use_bias:
         hidden = hidden + self.param("wi_bias", param_with_axes(nn.initializers.zeros, ("mlp",)),
                                      (f,), pdt).astype(dt)
-      hidden = jax.nn.gelu(hidden, approximate=True)
+      hidden = jax.nn.gelu(hidden, approximate=cfg.mlp == "gelu")
     hidden = constrain(hidden, BSF, self.mesh)
     residual_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     w_out = self.param("wo", param_with_axes(normal(residual_std), ("mlp", "embed")), (f, d), pdt)
