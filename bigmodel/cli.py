@@ -5,6 +5,8 @@
     bigmodel sample --workdir=DIR --prompt "ROMEO:" --num_tokens 200 --temperature 0.8 --top_k 40
     bigmodel compile --gin_file=... --mesh data=2,fsdp=2,tensor=2
     bigmodel tokenizer train --input FILES --vocab_size N --model_type {unigram,bpe,char} --out PREFIX
+    bigmodel convert from-hf --model_dir HF_DIR --out WORKDIR [--allow_pickle]
+    bigmodel convert to-hf --checkpoint WORKDIR --out HF_DIR
 
 jax is imported only after the arguments are read, so that `compile` can ask for
 fake CPU devices first.
@@ -55,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
   tt.add_argument("--out", default="tokenizer", help="output prefix (writes PREFIX.model, PREFIX.vocab)")
   tt.add_argument("--special_tokens", nargs="*", default=[],
                   help="reserved symbols, e.g. [CLS] [SEP] [MASK]")
+  cv = sub.add_parser("convert", help="import/export Hugging Face checkpoints (BERT, GPT-2)")
+  cvsub = cv.add_subparsers(dest="convert_command", required=True)
+  cf = cvsub.add_parser("from-hf", help="HF directory -> bigmodel workdir (checkpoint, config.gin, tokenizer)")
+  cf.add_argument("--model_dir", required=True, help="config.json + model.safetensors (+ vocab files)")
+  cf.add_argument("--out", required=True, help="the workdir to write")
+  cf.add_argument("--allow_pickle", action="store_true",
+                  help="also read pytorch_model.bin (a pickle: only from a trusted source)")
+  ct = cvsub.add_parser("to-hf", help="bigmodel workdir -> HF directory (config.json, model.safetensors)")
+  ct.add_argument("--checkpoint", required=True, help="a workdir (config.gin + checkpoints/)")
+  ct.add_argument("--out", required=True, help="the directory to write")
   return p
 
 
@@ -90,10 +102,11 @@ def _load_config(args, bindings):
   files = list(args.gin_file)
   if not files and getattr(args, "workdir", None):
     saved = os.path.join(args.workdir, "config.gin")
-    if not os.path.exists(saved):
+    if os.path.exists(saved):
+      files = [saved]          # a run's own operative config: resume, eval, sample
+    elif not bindings:
       raise config.ConfigError(f"{saved} does not exist: pass --gin_file, or a --workdir "
                                f"written by `bigmodel train`")
-    files = [saved]
   return config.load(files, bindings)
 
 
@@ -153,8 +166,24 @@ def cmd_tokenizer(args, bindings):
   print(f"wrote {path} ({tok.vocab_size} pieces)")
 
 
+def cmd_convert(args, bindings):
+  from bigmodel.config import ConfigError
+  from bigmodel.data.hf_tokenizers import TokenizerFilesError
+  from bigmodel.interop import workdir
+  from bigmodel.interop.hf import HFCheckpointError
+  from bigmodel.pretrained import PretrainedError
+  try:
+    if args.convert_command == "from-hf":
+      result = workdir.from_hf(args.model_dir, args.out, allow_pickle=args.allow_pickle)
+    else:
+      result = workdir.to_hf(args.checkpoint, args.out)
+  except (HFCheckpointError, PretrainedError, TokenizerFilesError) as e:
+    raise ConfigError(str(e)) from None
+  print(json.dumps(result, indent=1))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "compile": cmd_compile,
-            "tokenizer": cmd_tokenizer}
+            "tokenizer": cmd_tokenizer, "convert": cmd_convert}
 
 
 def _fake_devices_for_compile(argv: list[str], args) -> None:

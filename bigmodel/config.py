@@ -88,6 +88,14 @@ class DataConfig:
   add_eos: bool = True
   seed: int = 0
   eval_batches: int = 20
+  # Masked LM + next-sentence pairs (objective `bert_mlm_nsp`), as google-research/bert's
+  # create_pretraining_data.py (its flag names in brackets). See bigmodel/data/bert.py.
+  mlm_probability: float = 0.15     # [masked_lm_prob]
+  mlm_max_predictions: int = 0      # [max_predictions_per_seq]; 0: 15% of seq_len rounded up to 4 (20 at 128, 80 at 512)
+  mlm_whole_word: bool = False      # [do_whole_word_mask]: mask all pieces of a word together
+  mlm_masking: str = "static"       # static: masks drawn once per copy | dynamic: redrawn at every visit
+  dupe_factor: int = 10             # [dupe_factor]: passes over the documents, each with fresh pairs (and masks)
+  short_seq_prob: float = 0.1       # [short_seq_prob]: a document's pairs target a random shorter length
 
 
 @gin.configurable
@@ -130,6 +138,10 @@ class TrainConfig:
   sample_len: int = 0               # tokens to sample at the end (0: none)
   sample_prompt: str = ""
   objective: str = "causal_lm"
+  stop_after: int = 0               # end this process after this step (a planned preemption);
+                                    # the schedule still runs to train_steps on resume
+  init_checkpoint: str = ""         # a workdir (or its checkpoints/) whose latest params start a
+                                    # fresh run (params only: new optimizer state, step 0, data from 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +196,7 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
   try:
     exp = Experiment(model=ModelConfig(), data=DataConfig(), optim=OptimConfig(),
                      mesh=MeshConfig(), train=TrainConfig())
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError, RuntimeError) as e:
     if isinstance(e, ConfigError):
       raise
     raise ConfigError(f"{e}\nSet the missing values in a gin file or with --gin.NAME=VALUE.") from None

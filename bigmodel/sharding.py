@@ -104,9 +104,30 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) -> 
   return nn.with_logical_constraint(x, axes, rules=RULES, mesh=mesh)
 
 
-def logical_to_sharding(logical_specs: Any, mesh: Mesh) -> Any:
-  """Tree of logical PartitionSpecs -> tree of NamedShardings."""
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
+def logical_to_sharding(logical_specs: Any, mesh: Mesh, shapes: Any = None) -> Any:
+  """Tree of logical PartitionSpecs -> tree of NamedShardings.
+
+  With `shapes` (a matching tree of arrays or ShapeDtypeStructs), a dimension that its
+  mesh axes do not divide (say a vocabulary of 257 over tensor=2) is left unsharded
+  rather than failing; pad such dimensions to a multiple of the mesh for best layout.
+  """
+  shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, RULES)
+  if shapes is None:
+    return shardings
+  return jax.tree.map(lambda s, x: _divisible(s, x.shape, mesh), shardings, shapes)
+
+
+def _divisible(s: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+  spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+  changed = False
+  for dim, axes in enumerate(spec):
+    if axes is None:
+      continue
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    if shape[dim] % math.prod(mesh.shape[a] for a in names):
+      spec[dim] = None
+      changed = True
+  return NamedSharding(mesh, P(*spec)) if changed else s
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -128,3 +149,18 @@ def logical_names(tree: Any) -> set[str]:
           continue
         names.update((entry,) if isinstance(entry, str) else entry)
   return names
+
+
+def host_batch_slice(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+  """(first row, row count) of the global batch that this process's devices hold.
+
+  Derived from the batch sharding itself, so it holds for any device order.
+  """
+  indices = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  starts = sorted({(idx[0].start or 0, idx[0].stop or global_batch) for idx in indices.values()})
+  first, last = starts[0][0], starts[-1][1]
+  covered = sum(b - a for a, b in starts)
+  if covered != last - first:
+    raise ValueError(f"this process's batch rows {starts} are not contiguous; use a mesh whose "
+                     f"data axes follow process order")
+  return first, last - first

@@ -100,8 +100,11 @@ def _shuffled(k, n_rows: int, seed: int):
 
 def batches(stream: TokenStream, seq_len: int, stride: int, global_batch: int, *, seed: int,
             shuffle: bool, start_step: int = 0, num_steps: int | None = None,
-            process_index: int = 0, process_count: int = 1) -> tf.data.Dataset:
-  """This host's slices of global batches start_step, start_step+1, ... as a tf.data pipeline."""
+            host_rows: tuple[int, int] | None = None) -> tf.data.Dataset:
+  """This host's rows of global batches start_step, start_step+1, ... as a tf.data pipeline.
+
+  host_rows: (first row, count) of each global batch that this host feeds (default: all).
+  """
   n_rows = num_rows(len(stream), seq_len, stride)
   if n_rows == 0:
     raise DataError(f"the dataset has {len(stream)} tokens, fewer than one row of "
@@ -109,12 +112,12 @@ def batches(stream: TokenStream, seq_len: int, stride: int, global_batch: int, *
   if shuffle and global_batch > n_rows:
     raise DataError(f"the dataset has {n_rows} rows of {seq_len + 1} tokens, fewer than one batch "
                     f"of {global_batch}; add data, or lower BATCH_SIZE or SEQ_LEN")
-  per_host = global_batch // process_count
+  first_row, per_host = host_rows or (0, global_batch)
   rows = _rows_fn(stream, seq_len, stride)
   stop = start_step + num_steps if num_steps is not None else np.iinfo(np.int64).max // global_batch
 
   def make(step):
-    k = step * global_batch + process_index * per_host + tf.range(per_host, dtype=tf.int64)
+    k = step * global_batch + first_row + tf.range(per_host, dtype=tf.int64)
     row_ids = _shuffled(k, n_rows, seed) if shuffle else k % n_rows
     return rows(row_ids)
 
@@ -152,17 +155,16 @@ class LMData:
   def stride(self) -> int:
     return self.cfg.window_stride or self.cfg.seq_len
 
-  def train_batches(self, global_batch: int, start_step: int = 0) -> tf.data.Dataset:
+  def train_batches(self, global_batch: int, start_step: int = 0,
+                    host_rows: tuple[int, int] | None = None) -> tf.data.Dataset:
     return batches(self.train, self.cfg.seq_len, self.stride, global_batch, seed=self.cfg.seed,
-                   shuffle=True, start_step=start_step, process_index=jax.process_index(),
-                   process_count=jax.process_count())
+                   shuffle=True, start_step=start_step, host_rows=host_rows)
 
-  def eval_batches(self, global_batch: int) -> tf.data.Dataset:
+  def eval_batches(self, global_batch: int, host_rows: tuple[int, int] | None = None) -> tf.data.Dataset:
     n_rows = num_rows(len(self.val), self.cfg.seq_len, self.cfg.seq_len)
     steps = max(1, min(self.cfg.eval_batches, -(-n_rows // global_batch)))
     return batches(self.val, self.cfg.seq_len, self.cfg.seq_len, global_batch, seed=self.cfg.seed,
-                   shuffle=False, num_steps=steps, process_index=jax.process_index(),
-                   process_count=jax.process_count())
+                   shuffle=False, num_steps=steps, host_rows=host_rows)
 
 
 def to_global(batch: dict, sharding) -> dict:

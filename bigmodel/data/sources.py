@@ -66,8 +66,8 @@ _HEADING = re.compile(r"^ = [^=].* = $", re.M)
 
 def split_documents(text: str, mode: str) -> list[str]:
   if mode == "file":
-    docs = [text]
-  elif mode == "blank_line":
+    return [text] if text.strip() else []
+  if mode == "blank_line":
     docs = re.split(r"\n\s*\n", text)
   elif mode == "line":
     docs = text.split("\n")

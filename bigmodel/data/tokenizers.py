@@ -117,13 +117,17 @@ class SentencePieceTokenizer:
 
 
 def build(spec: str, texts: Sequence[str] | None = None):
-  """`char` (fit on texts), `byte`, or a path to a SentencePiece `.model`."""
+  """`char` (fit on texts), `byte`, a path to a SentencePiece `.model`, or a directory with
+  an imported model's vocab.txt (WordPiece) or vocab.json + merges.txt (byte-level BPE)."""
   if spec == "char":
     if not texts:
       raise ValueError("a char tokenizer needs training text to fit its vocabulary")
     return CharTokenizer.fit(texts)
   if spec == "byte":
     return ByteTokenizer()
+  if os.path.isdir(spec):   # an imported model's WordPiece / byte-level BPE files
+    from bigmodel.data import hf_tokenizers
+    return hf_tokenizers.load(spec)
   return SentencePieceTokenizer(spec)
 
 
@@ -132,6 +136,9 @@ def load(directory: str):
   sp_path = os.path.join(directory, "tokenizer.model")
   if os.path.exists(sp_path):
     return SentencePieceTokenizer(sp_path)
+  if any(os.path.exists(os.path.join(directory, f)) for f in ("vocab.txt", "merges.txt")):
+    from bigmodel.data import hf_tokenizers   # an imported model's WordPiece / byte-level BPE
+    return hf_tokenizers.load(directory)
   path = os.path.join(directory, "tokenizer.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {directory!r}: "

@@ -8,7 +8,10 @@ An objective bundles:
   model_args    batch -> the positional inputs of `model.apply` (used for init too)
   example_batch (batch_size, seq_len) -> a dummy batch with the shapes and dtypes of real ones
   build_data    (DataConfig, tokenizer or None) -> an object with `.tokenizer`,
-                `.train_batches(global_batch, start_step)` and `.eval_batches(global_batch)`
+                `.train_batches(global_batch, start_step, host_rows)` and
+                `.eval_batches(global_batch, host_rows)`: tf.data datasets of this host's
+                rows (host_rows = (first, count) of each global batch) as numpy dicts,
+                a pure function of (seed, step) so that resuming is exact
 """
 
 from __future__ import annotations

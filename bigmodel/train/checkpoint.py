@@ -58,8 +58,11 @@ class Checkpointer:
       return
     got = {k: tuple(v.shape) for k, v in _flat(stored).items() if hasattr(v, "shape")}
     want = {k: tuple(v.shape) for k, v in _flat(abstract_state).items()}
+    order = sorted(want, key=lambda k: (not k.startswith("params/"), k))   # params first
     problems = [f"  {k}: checkpoint {got[k]} vs model {want[k]}"
-                for k in sorted(want) if k in got and got[k] != want[k]]
+                for k in order if k in got and got[k] != want[k]]
+    if len(problems) > 8:
+      problems = problems[:8] + [f"  ... and {len(problems) - 8} more"]
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     if missing:
@@ -69,7 +72,7 @@ class Checkpointer:
     if problems:
       raise CheckpointError(
           f"the checkpoint in {self.directory} (step {step}) does not match this model:\n"
-          + "\n".join(problems[:12]) +
+          + "\n".join(problems) +
           "\nIt was written by a different model configuration. Use a new --workdir, or the "
           "config that wrote it (its config.gin).")
 

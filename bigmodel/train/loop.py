@@ -86,11 +86,53 @@ def _existing_tokenizer(workdir: str):
     return None
 
 
+def _init_workdir(path: str) -> str:
+  """The workdir named by TrainConfig.init_checkpoint (it may name its checkpoints/ folder)."""
+  path = os.path.abspath(path.rstrip("/"))
+  return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+
+
+def load_params(workdir: str, abstract_params) -> tuple[Any, int]:
+  """(params of the latest checkpoint of another run, on `abstract_params`' shardings; its step).
+
+  Only the params are read (orbax partial restore): the optimizer state may differ.
+  """
+  import orbax.checkpoint as ocp
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    raise checkpoint.CheckpointError(f"TrainConfig.init_checkpoint: no checkpoints in {directory}; "
+                                     f"name the workdir of a finished `bigmodel train` run")
+  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise checkpoint.CheckpointError(f"TrainConfig.init_checkpoint: {directory} holds no checkpoint")
+    stored = manager.item_metadata(step)["state"]
+    stored = stored.get("params", {}) if hasattr(stored, "get") else {}
+    got = {k: tuple(v.shape) for k, v in checkpoint._flat(stored).items() if hasattr(v, "shape")}
+    want = {k: tuple(v.shape) for k, v in checkpoint._flat(abstract_params).items()}
+    if got != want:
+      diff = [f"  {k}: checkpoint {got.get(k)} vs model {want.get(k)}"
+              for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+      raise checkpoint.CheckpointError(
+          f"TrainConfig.init_checkpoint: the params in {directory} (step {step}) do not match "
+          f"this model:\n" + "\n".join(diff[:12]) + "\nUse the same ModelConfig (max_len too).")
+    item = {"params": abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True)))
+  finally:
+    manager.close()
+  return restored["state"]["params"], step
+
+
 def evaluate(comp: Components, params, data, eval_step=None) -> dict:
   eval_step = eval_step or comp.eval_step()
   batch_sh = sharding.batch_sharding(comp.mesh)
   sums: dict[str, float] = {}
-  for batch in lm_data.global_iterator(data.eval_batches(comp.exp.train.batch_size), batch_sh):
+  host_rows = sharding.host_batch_slice(comp.mesh, comp.exp.train.batch_size)
+  for batch in lm_data.global_iterator(data.eval_batches(comp.exp.train.batch_size, host_rows),
+                                       batch_sh):
     out = jax.device_get(eval_step(params, batch))
     for k, v in out.items():
       sums[k] = sums.get(k, 0.0) + float(v)
@@ -111,8 +153,10 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
   latest = ckpt.latest_step()
   if latest is not None:
     ckpt.check_compatible(latest, comp.abstract)
-  # Input.
-  data = comp.build_data(_existing_tokenizer(workdir) if latest is not None else None)
+  # Input (a resumed run, or one started from another run's params, keeps that run's tokenizer).
+  init_dir = _init_workdir(tc.init_checkpoint) if tc.init_checkpoint and latest is None else None
+  data = comp.build_data(_existing_tokenizer(workdir) if latest is not None else
+                         _existing_tokenizer(init_dir) if init_dir else None)
   _check_vocab(exp, data.tokenizer)
   # Params: restored, or initialized sharded.
   if latest is not None:
@@ -124,6 +168,11 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
   else:
     state = comp.init_state(jax.random.key(tc.seed))
     start = 0
+    if init_dir:
+      params, init_step = load_params(init_dir, comp.abstract.params)
+      state = state.replace(params=params)
+      print(f"initialized params from {init_dir} step {init_step} (TrainConfig.init_checkpoint)",
+            flush=True)
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.gin"), "w") as f:
@@ -147,8 +196,9 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
     eval_record = {"step": step, "split": "validation", **result}
     writer.write(eval_record)
     if jax.process_index() == 0:
-      print(f"eval step {step}: validation loss {result['loss']:.4f} "
-            f"(perplexity {result['perplexity']:.2f})", flush=True)
+      details = ", ".join(f"{k} {v:.4f}" for k, v in result.items()
+                          if k != "loss" and isinstance(v, float))
+      print(f"eval step {step}: validation loss {result['loss']:.4f} ({details})", flush=True)
 
   def save(step, force=False):
     ckpt.save(step, state, {"data_step": step, "seed": exp.data.seed,
@@ -157,15 +207,17 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
   step = start
   t_last, step_last = time.time(), start
   train_time, timed_steps = 0.0, 0   # excludes the compiling first step, evals and saves
-  batches = lm_data.global_iterator(data.train_batches(tc.batch_size, start), batch_sh)
+  host_rows = sharding.host_batch_slice(mesh, tc.batch_size)
+  batches = lm_data.global_iterator(data.train_batches(tc.batch_size, start, host_rows), batch_sh)
+  last_step = min(tc.train_steps, tc.stop_after) if tc.stop_after else tc.train_steps
   try:
-    for step in range(start + 1, tc.train_steps + 1):
+    for step in range(start + 1, last_step + 1):
       batch = next(batches)
       state, metrics = train_step(state, batch)
       if step == start + 1:
         jax.block_until_ready(metrics)
         t_last, step_last = time.time(), step
-      if step % tc.log_every == 0 or step == tc.train_steps:
+      if step % tc.log_every == 0 or step == last_step:
         metrics = jax.device_get(metrics)
         record = {"step": step, "loss": float(metrics["loss"]),
                   "learning_rate": float(metrics["learning_rate"]),
@@ -186,13 +238,13 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
                               f" is not finite; lower OptimConfig.learning_rate or check the data")
         writer.write(record)
         writer.console(step, record, start)
-      if tc.eval_every and step % tc.eval_every == 0 and step != tc.train_steps:
+      if tc.eval_every and step % tc.eval_every == 0 and step != last_step:
         jax.block_until_ready(state.step)
         train_time += time.time() - t_last
         timed_steps += step - step_last
         run_eval(step)
         t_last, step_last = time.time(), step
-      if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != tc.train_steps:
+      if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != last_step:
         save(step)
     if step > start or latest is None:
       save(step, force=True)

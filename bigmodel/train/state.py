@@ -47,7 +47,7 @@ def abstract_state(model, tx, model_args) -> tuple[TrainState, Any]:
 def state_shardings(model, tx, model_args, mesh: Mesh) -> tuple[TrainState, TrainState]:
   """(abstract state as ShapeDtypeStructs with shardings, the NamedSharding tree)."""
   abstract, specs = abstract_state(model, tx, model_args)
-  shardings = sharding.logical_to_sharding(specs, mesh)
+  shardings = sharding.logical_to_sharding(specs, mesh, abstract)
   with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                abstract, shardings)
   return with_sharding, shardings

@@ -54,8 +54,8 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
     params = optax.apply_updates(state.params, updates)
     metrics = {
         "loss": loss_sum / weight,
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         "learning_rate": lr_schedule(state.step),
     }
     metrics.update({f"sum/{k}": v for k, v in aux.items()})   # the objective summarizes these

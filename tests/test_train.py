@@ -1,0 +1,181 @@
+"""Training end to end: exact resume (clean stop and kill -9), determinism, the CLI,
+multi-process, and bad input."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bigmodel import cli, config
+from bigmodel.train import loop
+from tests.helpers import ROOT, cli as run_cli, gin_args, tiny_bindings, train_losses
+
+
+def _train(corpus, workdir, **kw):
+  exp = config.load([], tiny_bindings(corpus, **kw))
+  return loop.train(exp, str(workdir), config.operative_config())
+
+
+def test_exact_resume_and_determinism(text_corpus, tmp_path):
+  kw = dict(steps=8, **{"TrainConfig.checkpoint_every": 2, "ModelConfig.dropout": 0.1})
+  _train(text_corpus, tmp_path / "a", **kw)
+  _train(text_corpus, tmp_path / "b", **kw, **{"TrainConfig.stop_after": 4})
+  assert sorted(train_losses(tmp_path / "b")) == [1, 2, 3, 4]
+  summary = _train(text_corpus, tmp_path / "b", **kw)            # resumes at step 4
+  assert summary["step"] == 8
+  _train(text_corpus, tmp_path / "c", **kw)
+  a, b, c = (train_losses(tmp_path / x) for x in "abc")
+  assert sorted(a) == list(range(1, 9))
+  assert a == b, "resumed run differs from the uninterrupted one"
+  assert a == c, "two identical runs differ"
+  assert a[8] < a[1]
+
+
+def test_resume_after_kill_9(text_corpus, tmp_path):
+  steps = 300
+  bindings = tiny_bindings(text_corpus, steps=steps, **{"TrainConfig.checkpoint_every": 50})
+  workdir = tmp_path / "killed"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "bigmodel", "train", f"--workdir={workdir}",
+                           *gin_args(bindings)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 240
+  killed_at = None
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists():
+      done = train_losses(workdir)
+      if done and max(done) >= 120:
+        proc.send_signal(signal.SIGKILL)
+        killed_at = max(done)
+        break
+    time.sleep(0.02)
+  proc.wait()
+  assert killed_at is not None and killed_at < steps, f"could not kill mid-run: {proc.stderr.read()}"
+  ckpts = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert ckpts and max(ckpts) < killed_at + 1 and max(ckpts) % 50 == 0
+  run_cli(["train", f"--workdir={workdir}", *gin_args(bindings)])
+  _train(text_corpus, tmp_path / "clean", steps=steps, **{"TrainConfig.checkpoint_every": 50})
+  resumed, clean = train_losses(workdir), train_losses(tmp_path / "clean")
+  assert sorted(resumed) == list(range(1, steps + 1))
+  assert resumed == clean
+
+
+def test_cli_end_to_end(text_corpus, tmp_path):
+  workdir = tmp_path / "run"
+  bindings = tiny_bindings(text_corpus, steps=40, **{"TrainConfig.checkpoint_every": 20,
+                                                     "TrainConfig.eval_every": 20,
+                                                     "OptimConfig.learning_rate": 3e-3})
+  out = run_cli(["train", f"--workdir={workdir}", *gin_args(bindings)]).stdout
+  assert "final: step 40" in out and "tokens/s" in out and "MFU" in out
+  assert (workdir / "config.gin").read_text().count("ModelConfig.d_model = 32") == 1
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [r for r in records if "split" not in r]
+  evals = [r for r in records if r.get("split") == "validation"]
+  assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"} <= set(train[5])
+  assert [r["step"] for r in evals] == [20, 40] and all("loss" in r for r in evals)
+  first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
+  assert last < first - 1.0, (first, last)
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "40"]
+  # eval and sample read the run's config.gin and tokenizer
+  result = json.loads(run_cli(["eval", f"--workdir={workdir}"]).stdout)
+  assert result["step"] == 40 and abs(result["loss"] - evals[-1]["loss"]) < 1e-4
+  assert result["perplexity"] > 1
+  text = run_cli(["sample", f"--workdir={workdir}", "--prompt", "the king", "--num_tokens", "30",
+                  "--temperature", "0.8", "--top_k", "5"]).stdout
+  assert text.startswith("the king") and len(text.strip()) > len("the king")
+
+
+def test_multiprocess_matches_single_process(text_corpus, tmp_path):
+  bindings = tiny_bindings(text_corpus, steps=6, **{"MeshConfig.data": 2, "MeshConfig.fsdp": 2,
+                                                    "MeshConfig.tensor": 2})
+  single = tmp_path / "single"
+  run_cli(["train", f"--workdir={single}", *gin_args(bindings)])
+  multi = tmp_path / "multi"
+  env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
+  proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "-n", "2", "-d", "4", "--", "train",
+                         f"--workdir={multi}", *gin_args(bindings)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  log0 = (tmp_path / "logs" / "proc_0.log").read_text()
+  assert "'data': 2, 'fsdp': 2, 'tensor': 2" in log0
+  a, b = train_losses(single), train_losses(multi)
+  assert sorted(a) == sorted(b) == list(range(1, 7))
+  for step in a:
+    assert b[step] == pytest.approx(a[step], rel=1e-5)
+  assert (multi / "checkpoints" / "6").exists()
+
+
+# --- bad input: a clear message, a nonzero exit, and no checkpoint overwritten -------------
+
+def _main(capsys, args):
+  code = cli.main(args)
+  err = capsys.readouterr().err
+  return code, err
+
+
+def test_misspelled_binding(capsys, text_corpus, tmp_path):
+  code, err = _main(capsys, ["train", f"--workdir={tmp_path}", *gin_args(tiny_bindings(text_corpus)),
+                             "--gin.TrainConfig.train_stepz=5"])
+  assert code == 2 and "train_stepz" in err and "--gin.TrainConfig.train_stepz" in err
+  bad = tmp_path / "bad.gin"
+  bad.write_text("include 'sizes/gpt_nano.gin'\nModelConfg.d_model = 3\n")
+  code, err = _main(capsys, ["train", f"--workdir={tmp_path}", f"--gin_file={bad}"])
+  assert code == 2 and "ModelConfg" in err and "bad.gin" in err
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_required_value_missing(capsys, tmp_path):
+  code, err = _main(capsys, ["train", f"--workdir={tmp_path}",
+                             "--gin_file=experiments/runs/pretrain_lm.gin"])
+  assert code == 2 and "TRAIN_STEPS" in err or "required" in err.lower()
+
+
+def test_missing_data_file(capsys, text_corpus, tmp_path):
+  b = tiny_bindings(text_corpus) + ["DataConfig.files = ['/nonexistent/corpus.txt']"]
+  code, err = _main(capsys, ["train", f"--workdir={tmp_path / 'w'}", *gin_args(b)])
+  assert code == 2 and "/nonexistent/corpus.txt" in err
+  assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
+
+
+def test_batch_not_divisible(capsys, text_corpus, tmp_path):
+  code, err = _main(capsys, ["train", f"--workdir={tmp_path}", *gin_args(tiny_bindings(text_corpus, batch=12))])
+  assert code == 2 and "not divisible by the data-parallel size 8" in err
+
+
+def test_empty_dataset(capsys, tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_text("")
+  code, err = _main(capsys, ["train", f"--workdir={tmp_path / 'w'}", *gin_args(tiny_bindings(empty))])
+  assert code == 2 and "empty" in err
+
+
+def _snapshot(directory: pathlib.Path):
+  return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in directory.rglob("*") if p.is_file()}
+
+
+def test_workdir_of_a_different_model(capsys, text_corpus, tmp_path):
+  _train(text_corpus, tmp_path, steps=2)
+  before = _snapshot(tmp_path / "checkpoints")
+  code, err = _main(capsys, ["train", f"--workdir={tmp_path}",
+                             *gin_args(tiny_bindings(text_corpus, steps=4) + ["ModelConfig.d_model = 64"])])
+  assert code == 2 and "does not match this model" in err
+  assert "params/blocks/layers/attn/out_bias: checkpoint (2, 32) vs model (2, 64)" in err
+  assert _snapshot(tmp_path / "checkpoints") == before
+
+
+def test_corrupt_checkpoint(capsys, text_corpus, tmp_path):
+  _train(text_corpus, tmp_path, steps=2)
+  for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+      f.write_bytes(b"garbage")
+  code, err = _main(capsys, ["train", f"--workdir={tmp_path}", *gin_args(tiny_bindings(text_corpus, steps=4))])
+  assert code == 2 and "corrupt" in err
