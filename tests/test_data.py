@@ -134,3 +134,17 @@ def test_shakespeare_from_the_data_directory(shared_data):
                                     tokenizer="char", seq_len=64, val_fraction=0.1))
   assert data.tokenizer.vocab_size == 65
   assert len(data.train) + len(data.val) == 1115394
+
+
+def test_recipe_falls_back_to_tfds_when_the_data_directory_lacks_its_files(tmp_path):
+  import tensorflow_datasets as tfds
+  cfg = DataConfig(data_dir=str(tmp_path), files=["tinyshakespeare/input.txt"],
+                   tfds_name="tiny_shakespeare", tokenizer="byte", seq_len=8)
+  with tfds.testing.mock_data(num_examples=3):
+    train, val, source = sources.lm_documents(cfg)
+  assert source == "TFDS tiny_shakespeare"
+  assert len(train) == 3 and len(val) == 3 and all(isinstance(d, str) for d in train)
+  # an explicit file never falls back
+  explicit = DataConfig(files=[str(tmp_path / "mine.txt")], tfds_name="tiny_shakespeare")
+  with pytest.raises(DataError, match="mine.txt"):
+    sources.lm_documents(explicit)
