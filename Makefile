@@ -29,7 +29,7 @@ test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 bench: install
-	$(PY) -m bigmodel.bench
+	$(VENV)/bin/bigmodel bench
 
 clean:
 	rm -rf out $(VENV)

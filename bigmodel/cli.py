@@ -5,8 +5,12 @@
     bigmodel sample --workdir=DIR --prompt "ROMEO:" --num_tokens 200 --temperature 0.8 --top_k 40
     bigmodel compile --gin_file=... --mesh data=2,fsdp=2,tensor=2
     bigmodel tokenizer train --input FILES --vocab_size N --model_type {unigram,bpe,char} --out PREFIX
+    bigmodel finetune --gin_file=experiments/finetune/sst2_minilm.gin --workdir=DIR
+    bigmodel evaluate --workdir=DIR [--eval_file F] [--out metrics.json]
+    bigmodel predict --workdir=DIR --input F --out predictions.jsonl
     bigmodel convert from-hf --model_dir HF_DIR --out WORKDIR [--allow_pickle]
     bigmodel convert to-hf --checkpoint WORKDIR --out HF_DIR
+    bigmodel bench [--preset ...] [--recipe X.gin --size S --mesh M --batch B --seq T ...]
 
 jax is imported only after the arguments are read, so that `compile` can ask for
 fake CPU devices first.
@@ -35,6 +39,17 @@ def _parser() -> argparse.ArgumentParser:
 
   t = sub.add_parser("train", help="train or resume a model")
   gin_args(t)
+  ft = sub.add_parser("finetune", help="fine-tune on a task (train with a recipe from "
+                      "experiments/finetune/; TrainConfig.init_checkpoint names the start)")
+  gin_args(ft)
+  ev = sub.add_parser("evaluate", help="task metrics (accuracy, macro-F1) of a fine-tuned run -> JSON")
+  gin_args(ev)
+  ev.add_argument("--eval_file", default="", help="default: the run's DataConfig.val_files[0]")
+  ev.add_argument("--out", default="", help="metrics JSON (default: WORKDIR/eval_metrics.json)")
+  pr = sub.add_parser("predict", help="predictions of a fine-tuned run for an input file -> JSONL")
+  gin_args(pr)
+  pr.add_argument("--input", required=True, help="TSV/CSV/JSONL with the run's text column(s)")
+  pr.add_argument("--out", required=True, help="predictions, one JSON object a line")
   e = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
   gin_args(e)
   s = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
@@ -67,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
   ct = cvsub.add_parser("to-hf", help="bigmodel workdir -> HF directory (config.json, model.safetensors)")
   ct.add_argument("--checkpoint", required=True, help="a workdir (config.gin + checkpoints/)")
   ct.add_argument("--out", required=True, help="the directory to write")
+  sub.add_parser("bench", help="benchmark grid: tokens/s, MFU, memory, the HF baseline beside "
+                 "(its flags: `bigmodel bench --help`; main() hands them to bigmodel.bench)")
   return p
 
 
@@ -132,6 +149,22 @@ def _print_summary(summary: dict):
         f"(training {summary['train_time_s']:.1f}s)", flush=True)
 
 
+def cmd_evaluate(args, bindings):
+  from bigmodel.evaluation import tasks
+  exp = _load_config(args, bindings)
+  result = tasks.evaluate(args.workdir, exp, args.eval_file)
+  tasks.write_json(result, args.out or os.path.join(args.workdir, "eval_metrics.json"))
+  print(json.dumps(result, indent=1))
+
+
+def cmd_predict(args, bindings):
+  from bigmodel.evaluation import tasks
+  exp = _load_config(args, bindings)
+  rows = tasks.predict(args.workdir, exp, args.input)
+  tasks.write_jsonl(rows, args.out)
+  print(f"wrote {len(rows)} predictions to {args.out}")
+
+
 def cmd_eval(args, bindings):
   from bigmodel.train import loop
   exp = _load_config(args, bindings)
@@ -183,7 +216,8 @@ def cmd_convert(args, bindings):
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "compile": cmd_compile,
-            "tokenizer": cmd_tokenizer, "convert": cmd_convert}
+            "tokenizer": cmd_tokenizer, "convert": cmd_convert, "finetune": cmd_train,
+            "evaluate": cmd_evaluate, "predict": cmd_predict}
 
 
 def _fake_devices_for_compile(argv: list[str], args) -> None:
@@ -204,6 +238,9 @@ def _fake_devices_for_compile(argv: list[str], args) -> None:
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, bindings = _split_gin_bindings(argv)
+  if rest[:1] == ["bench"]:   # its own flags; it asks for fake devices before jax loads
+    from bigmodel import bench
+    return bench.main(rest[1:] + [f"--gin.{b}" for b in bindings])
   args = _parser().parse_args(rest)
   _fake_devices_for_compile(rest, args)
   _setup_logging()

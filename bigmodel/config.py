@@ -50,6 +50,8 @@ class ModelConfig:
   one_hot_embed: bool = False  # embedding lookup as a one-hot matmul
   init_std: float = 0.02
   type_vocab_size: int = 2     # encoder only: segment (token type) vocabulary
+  num_classes: int = 0         # classification heads (objective `classification`): classes
+  pooling: str = "cls"         # classification: cls (the pooler's tanh(dense([CLS]))) | mean (masked mean)
 
   def __post_init__(self):
     choices = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
@@ -96,6 +98,12 @@ class DataConfig:
   mlm_masking: str = "static"       # static: masks drawn once per copy | dynamic: redrawn at every visit
   dupe_factor: int = 10             # [dupe_factor]: passes over the documents, each with fresh pairs (and masks)
   short_seq_prob: float = 0.1       # [short_seq_prob]: a document's pairs target a random shorter length
+  # Task files (objective `classification`; see bigmodel/data/finetune.py): `files` and
+  # `val_files` name the train and eval file (TSV, CSV or JSONL).
+  text_columns: Sequence[str] = ()  # one column (a sentence) or two (a sentence pair)
+  label_column: str = ""
+  column_names: Sequence[str] = ()  # the columns of a headerless file (else its first line is the header)
+  labels: Sequence[str] = ()        # the label set in id order (default: inferred from the train file)
 
 
 @gin.configurable

@@ -36,3 +36,13 @@ def text_corpus(tmp_path):
   path = tmp_path / "corpus.txt"
   path.write_text("\n\n".join(docs) + "\n")
   return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin():
+  """Config dataclasses are gin configurables: bindings left by one test must not fill
+  defaults in the next."""
+  import gin
+  gin.clear_config()
+  yield
+  gin.clear_config()

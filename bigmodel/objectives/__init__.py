@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-from bigmodel.objectives import lm
+from bigmodel.objectives import bert, classification, lm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +35,11 @@ class Objective:
 OBJECTIVES = {
     "causal_lm": Objective("decoder", lm.causal_lm_loss, lm.summarize, lm.model_args,
                            lm.example_batch, lm.build_data),
+    "bert_mlm_nsp": Objective("encoder", bert.mlm_nsp_loss, bert.summarize, bert.model_args,
+                              bert.example_batch, bert.build_data),
+    "classification": Objective("encoder_classifier", classification.classification_loss,
+                                classification.summarize, classification.model_args,
+                                classification.example_batch, classification.build_data),
 }
 
 

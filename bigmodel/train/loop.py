@@ -92,17 +92,21 @@ def _init_workdir(path: str) -> str:
   return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
 
 
-def load_params(workdir: str, abstract_params) -> tuple[Any, int]:
+def load_params(workdir: str, abstract_params, init_params=None) -> tuple[Any, int]:
   """(params of the latest checkpoint of another run, on `abstract_params`' shardings; its step).
 
-  Only the params are read (orbax partial restore): the optimizer state may differ.
+  Only the params are read (orbax partial restore): the optimizer state may differ. With
+  `init_params` (a fine-tuning start), a task head the checkpoint lacks (top-level names in
+  `models.heads.FRESH_PARAMS`) keeps those initial values, and pretraining heads the model
+  lacks (mlm, nsp) are left in the checkpoint.
   """
   import orbax.checkpoint as ocp
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(directory):
     raise checkpoint.CheckpointError(f"TrainConfig.init_checkpoint: no checkpoints in {directory}; "
                                      f"name the workdir of a finished `bigmodel train` run")
-  manager = ocp.CheckpointManager(directory, item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  manager = ocp.CheckpointManager(directory, item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
   try:
     step = manager.latest_step()
     if step is None:
@@ -111,6 +115,15 @@ def load_params(workdir: str, abstract_params) -> tuple[Any, int]:
     stored = stored.get("params", {}) if hasattr(stored, "get") else {}
     got = {k: tuple(v.shape) for k, v in checkpoint._flat(stored).items() if hasattr(v, "shape")}
     want = {k: tuple(v.shape) for k, v in checkpoint._flat(abstract_params).items()}
+    fresh = {}
+    if init_params is not None:   # fine-tuning: a new head starts fresh, unused heads are dropped
+      from bigmodel.models.heads import FRESH_PARAMS
+      fresh = {k for k in want if k not in got and k.split("/")[0] in FRESH_PARAMS}
+      got = {k: v for k, v in got.items() if k in want}
+      want = {k: v for k, v in want.items() if k not in fresh}
+      if fresh:
+        abstract_params = {k: v for k, v in abstract_params.items() if k not in FRESH_PARAMS}
+        print(f"init_checkpoint: {len(fresh)} head params start fresh: {sorted(fresh)}", flush=True)
     if got != want:
       diff = [f"  {k}: checkpoint {got.get(k)} vs model {want.get(k)}"
               for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
@@ -123,7 +136,10 @@ def load_params(workdir: str, abstract_params) -> tuple[Any, int]:
         partial_restore=True)))
   finally:
     manager.close()
-  return restored["state"]["params"], step
+  params = restored["state"]["params"]
+  if fresh:
+    params = {**params, **{k: v for k, v in init_params.items() if k not in params}}
+  return params, step
 
 
 def evaluate(comp: Components, params, data, eval_step=None) -> dict:
@@ -169,7 +185,7 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
     state = comp.init_state(jax.random.key(tc.seed))
     start = 0
     if init_dir:
-      params, init_step = load_params(init_dir, comp.abstract.params)
+      params, init_step = load_params(init_dir, comp.abstract.params, state.params)
       state = state.replace(params=params)
       print(f"initialized params from {init_dir} step {init_step} (TrainConfig.init_checkpoint)",
             flush=True)

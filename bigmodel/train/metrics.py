@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
 import jax
+from rich.console import Console
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -28,6 +28,7 @@ class MetricWriter:
     self.start = time.time()
     self._jsonl = None
     self._tb = None
+    self._console = Console(highlight=False, soft_wrap=True)
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
@@ -60,7 +61,7 @@ class MetricWriter:
       if key in record:
         parts.append((fmt if "{" in fmt and " " in fmt else key + " " + fmt).format(record[key]))
     parts.append(f"{rate:.1f} steps/s, ETA {_fmt_duration(eta)}")
-    print(" | ".join(parts), file=sys.stdout, flush=True)
+    self._console.print(" | ".join(parts))
 
   def close(self):
     if self._jsonl:

@@ -1,0 +1,194 @@
+"""Sequence-classification input: a TSV/CSV/JSONL file -> `[CLS] A [SEP] (B [SEP])` rows.
+
+  DataConfig.files[0]      the train file; DataConfig.val_files[0] the eval file (relative
+                           paths that do not exist here are read under DataConfig.data_dir)
+  DataConfig.text_columns  one column (single sentences) or two (sentence pairs)
+  DataConfig.label_column  the label; DataConfig.labels the label set in id order, else
+                           inferred from the train file (an unseen eval label is an error)
+  DataConfig.column_names  for headerless files
+  DataConfig.seq_len       rows are truncated to it (pairs: the longer side first); the count
+                           of truncated rows is logged
+
+Tokenization uses the model's tokenizer: an imported WordPiece (`hf_tokenizers`, with its own
+[CLS]/[SEP] template) or any tokenizer with [CLS] and [SEP] pieces.
+
+Batches are a pure function of (seed, step), as in `data/lm.py` and `data/bert.py`: global
+example k is row `permutation(seed, k // n)[k % n]` of the train table, so resuming is exact.
+Eval batches cover every eval row in order; a partial last batch is padded with weight-0 rows.
+
+Batch (numpy, this host's rows): input_ids, input_mask, segment_ids int32 [b, s];
+labels int32 [b]; weights float32 [b].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import tensorflow as tf
+
+from bigmodel.config import DataConfig
+from bigmodel.data import readers, tokenizers
+from bigmodel.data.sources import DataError
+
+log = logging.getLogger(__name__)
+
+KEYS = ("input_ids", "input_mask", "segment_ids", "labels", "weights")
+
+
+@dataclasses.dataclass
+class Table:
+  input_ids: np.ndarray     # int32 [n, s]
+  input_mask: np.ndarray    # int32 [n, s]
+  segment_ids: np.ndarray   # int32 [n, s]
+  labels: np.ndarray        # int32 [n] (-1: unlabeled)
+  truncated: int = 0
+
+  def __len__(self):
+    return len(self.labels)
+
+
+def encode(tokenizer, texts: list[tuple[str, ...]], seq_len: int) -> Table:
+  """Rows of one or two texts -> padded [CLS] A [SEP] (B [SEP]) arrays (no labels)."""
+  if hasattr(tokenizer, "batch") and hasattr(tokenizer, "tok"):    # imported WordPiece
+    firsts = [t[0] for t in texts]
+    pairs = [t[1] for t in texts] if texts and len(texts[0]) > 1 else None
+    inputs = firsts if pairs is None else list(zip(firsts, pairs))
+    lengths = np.array([len(e.ids) for e in tokenizer.tok.encode_batch(inputs, add_special_tokens=True)])
+    b = tokenizer.batch(firsts, pairs, max_len=seq_len, pad_to=seq_len)
+    ids, mask, seg = b["input_ids"], b["attention_mask"], b["token_type_ids"]
+  else:
+    try:
+      cls_id, sep_id = tokenizer.piece_to_id("[CLS]"), tokenizer.piece_to_id("[SEP]")
+    except (AttributeError, KeyError):
+      raise DataError(f"classification needs a tokenizer with [CLS] and [SEP]; "
+                      f"{type(tokenizer).__name__} has none") from None
+    pad = getattr(tokenizer, "pad_id", 0) or 0
+    n = len(texts)
+    ids = np.full((n, seq_len), pad, np.int32)
+    mask = np.zeros((n, seq_len), np.int32)
+    seg = np.zeros((n, seq_len), np.int32)
+    lengths = np.zeros(n, np.int64)
+    for r, row in enumerate(texts):
+      parts = [list(tokenizer.encode_array(t)) for t in row]
+      lengths[r] = sum(len(p) for p in parts) + len(parts) + 1
+      budget = seq_len - len(parts) - 1
+      while sum(len(p) for p in parts) > budget:
+        longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        parts[longest].pop()
+      toks, types = [cls_id], [0]
+      for i, p in enumerate(parts):
+        toks += p + [sep_id]
+        types += [i] * (len(p) + 1)
+      ids[r, :len(toks)], mask[r, :len(toks)], seg[r, :len(toks)] = toks, 1, types
+  return Table(ids.astype(np.int32), mask.astype(np.int32), seg.astype(np.int32),
+               np.full(len(texts), -1, np.int32), int(np.sum(lengths > seq_len)))
+
+
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch, 0x636c73]).permutation(n)
+
+
+@dataclasses.dataclass
+class ClassificationData:
+  cfg: DataConfig
+  tokenizer: object
+  labels: readers.LabelSet
+  train: Table
+  val: Table
+  source: str
+
+  @classmethod
+  def build(cls, cfg: DataConfig, tokenizer=None) -> "ClassificationData":
+    if not cfg.files:
+      raise DataError("classification needs a train file: DataConfig.files = [%TRAIN_FILE]")
+    if not cfg.text_columns:
+      raise DataError("classification needs DataConfig.text_columns (TEXT_COLUMNS): the text column(s)")
+    if not cfg.label_column:
+      raise DataError("classification needs DataConfig.label_column (LABEL_COLUMN)")
+    if tokenizer is None:
+      tokenizer = tokenizers.build(cfg.tokenizer)
+    train_path = readers.resolve(cfg.files[0], cfg.data_dir)
+    val_path = readers.resolve(cfg.val_files[0], cfg.data_dir) if cfg.val_files else ""
+    texts, labels = readers.read_classification(train_path, cfg.text_columns, cfg.label_column,
+                                                cfg.column_names)
+    label_set = readers.LabelSet(tuple(cfg.labels)) if cfg.labels else readers.LabelSet.infer(labels)
+    train = encode(tokenizer, texts, cfg.seq_len)
+    train.labels = np.asarray(label_set.ids(labels, train_path), np.int32)
+    if val_path:
+      val = load_eval(cfg, tokenizer, label_set, val_path)
+    else:
+      raise DataError("classification needs an eval file: DataConfig.val_files = [%EVAL_FILE]")
+    for name, t, path in (("train", train, train_path), ("eval", val, val_path)):
+      if t.truncated:
+        log.warning("%s: %d of %d rows are longer than seq_len=%d tokens and were truncated",
+                    path, t.truncated, len(t), cfg.seq_len)
+    log.info("classification data: %d train rows (%s), %d eval rows (%s), %d labels, %d+%d truncated",
+             len(train), train_path, len(val), val_path, len(label_set), train.truncated, val.truncated)
+    return cls(cfg, tokenizer, label_set, train, val, train_path)
+
+  # --- batches, a pure function of (seed, step)
+
+  def _rows(self, table: Table, idx: np.ndarray, weights: np.ndarray) -> dict:
+    return {"input_ids": table.input_ids[idx], "input_mask": table.input_mask[idx],
+            "segment_ids": table.segment_ids[idx], "labels": np.maximum(table.labels[idx], 0),
+            "weights": weights.astype(np.float32)}
+
+  def train_rows(self, keys: np.ndarray) -> dict:
+    n = len(self.train)
+    epochs, within = keys // n, keys % n
+    idx = np.empty_like(keys)
+    for e in np.unique(epochs):
+      sel = epochs == e
+      idx[sel] = _permutation(self.cfg.seed, int(e), n)[within[sel]]
+    return self._rows(self.train, idx, np.ones(len(keys)))
+
+  def eval_rows(self, keys: np.ndarray) -> dict:
+    n = len(self.val)
+    return self._rows(self.val, keys % n, (keys < n).astype(np.float32))
+
+  def _dataset(self, fn, global_batch, start, stop, host_rows):
+    first, count = host_rows or (0, global_batch)
+    s = self.cfg.seq_len
+    shapes = {"input_ids": (count, s), "input_mask": (count, s), "segment_ids": (count, s),
+              "labels": (count,), "weights": (count,)}
+    dtypes = [tf.float32 if k == "weights" else tf.int32 for k in KEYS]
+
+    def np_batch(step):
+      keys = int(step) * global_batch + first + np.arange(count, dtype=np.int64)
+      batch = fn(keys)
+      return [batch[k] for k in KEYS]
+
+    def make(step):
+      outs = tf.numpy_function(np_batch, [step], dtypes, stateful=False)
+      return {k: tf.ensure_shape(o, shapes[k]) for k, o in zip(KEYS, outs)}
+
+    ds = tf.data.Dataset.range(start, stop).map(make, num_parallel_calls=tf.data.AUTOTUNE,
+                                                deterministic=True)
+    return ds.prefetch(2)
+
+  def train_batches(self, global_batch: int, start_step: int = 0, host_rows=None) -> tf.data.Dataset:
+    stop = np.iinfo(np.int64).max // (2 * global_batch)
+    return self._dataset(self.train_rows, global_batch, start_step, stop, host_rows)
+
+  def eval_batches(self, global_batch: int, host_rows=None) -> tf.data.Dataset:
+    """Every eval row (DataConfig.eval_batches does not cut classification evals short)."""
+    steps = -(-len(self.val) // global_batch)
+    return self._dataset(self.eval_rows, global_batch, 0, steps, host_rows)
+
+
+def load_eval(cfg: DataConfig, tokenizer, label_set: readers.LabelSet, path: str,
+              with_labels: bool = True) -> Table:
+  """An eval or prediction file, encoded; labels checked against the label set."""
+  texts, labels = readers.read_classification(path, cfg.text_columns,
+                                              cfg.label_column if with_labels else "",
+                                              cfg.column_names)
+  table = encode(tokenizer, texts, cfg.seq_len)
+  if labels is not None:
+    table.labels = np.asarray(label_set.ids(labels, path), np.int32)
+  return table
+
+
+def read_texts(cfg: DataConfig, path: str) -> list[tuple[str, ...]]:
+  return readers.read_classification(path, cfg.text_columns, "", cfg.column_names)[0]

@@ -1,0 +1,1 @@
+"""Task metrics as each field computes them (`metrics`)."""

@@ -1,0 +1,99 @@
+"""`bigmodel evaluate` and `bigmodel predict` for fine-tuned task models (objective
+`classification`): the latest checkpoint of a workdir over a file, with the field's metrics.
+
+    evaluate(workdir, exp, eval_file="")  -> {"accuracy", "macro_f1", "examples", ...}
+    predict(workdir, exp, input_file)     -> [{"label", "score", "probs"}...] per input row
+
+The label set is the run's: DataConfig.labels, else inferred again from its train file
+(the same rule as training, so ids agree).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from bigmodel.data import finetune as ft_data
+from bigmodel.data import readers
+from bigmodel.data.sources import DataError
+from bigmodel.evaluation import metrics
+from bigmodel.train import loop
+
+SUPPORTED = ("classification",)
+
+
+def _check(exp):
+  if exp.train.objective not in SUPPORTED:
+    raise DataError(f"evaluate/predict support the objectives {SUPPORTED}; this run's is "
+                    f"{exp.train.objective!r} (use `bigmodel eval` for validation loss)")
+
+
+def label_set(cfg) -> readers.LabelSet:
+  if cfg.labels:
+    return readers.LabelSet(tuple(cfg.labels))
+  if not cfg.files:
+    raise DataError("the run names no train file (DataConfig.files) to infer its labels from; "
+                    "set DataConfig.labels")
+  path = readers.resolve(cfg.files[0], cfg.data_dir)
+  _, labels = readers.read_classification(path, cfg.text_columns, cfg.label_column, cfg.column_names)
+  return readers.LabelSet.infer(labels)
+
+
+def _probabilities(comp, params, table: ft_data.Table, batch_size: int) -> np.ndarray:
+  apply = jax.jit(lambda p, ids, seg, mask: jax.nn.softmax(
+      comp.model.apply({"params": p}, ids, seg, mask, deterministic=True), axis=-1))
+  n = len(table)
+  out = []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size) % n     # a fixed shape: pad the last batch
+    probs = apply(params, table.input_ids[idx], table.segment_ids[idx], table.input_mask[idx])
+    out.append(np.asarray(jax.device_get(probs))[: min(batch_size, n - start)])
+  return np.concatenate(out)
+
+
+def evaluate(workdir: str, exp, eval_file: str = "") -> dict:
+  _check(exp)
+  cfg = exp.data
+  path = readers.resolve(eval_file or (cfg.val_files[0] if cfg.val_files else ""), cfg.data_dir)
+  if not path:
+    raise DataError("no eval file: pass --eval_file or set DataConfig.val_files")
+  comp, params, tokenizer, step = loop.restore_for_inference(workdir, exp)
+  labels = label_set(cfg)
+  table = ft_data.load_eval(cfg, tokenizer, labels, path)
+  probs = _probabilities(comp, params, table, exp.train.batch_size)
+  pred = probs.argmax(-1)
+  gold = table.labels
+  nll = -np.log(np.maximum(probs[np.arange(len(gold)), gold], 1e-12))
+  return {"step": step, "file": path, "examples": int(len(gold)), "truncated": table.truncated,
+          "accuracy": metrics.accuracy(list(gold), list(pred)),
+          "macro_f1": metrics.macro_f1(list(gold), list(pred)),
+          "loss": float(nll.mean())}
+
+
+def predict(workdir: str, exp, input_file: str) -> list[dict]:
+  _check(exp)
+  cfg = exp.data
+  comp, params, tokenizer, _ = loop.restore_for_inference(workdir, exp)
+  labels = label_set(cfg)
+  path = readers.resolve(input_file, cfg.data_dir)
+  texts = ft_data.read_texts(cfg, path)
+  table = ft_data.encode(tokenizer, texts, cfg.seq_len)
+  probs = _probabilities(comp, params, table, exp.train.batch_size)
+  return [{"text": list(t) if len(t) > 1 else t[0], "label": labels.names[int(p.argmax())],
+           "score": float(p.max())} for t, p in zip(texts, probs)]
+
+
+def write_json(obj, path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=1)
+
+
+def write_jsonl(rows, path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r) + "\n")
