@@ -9,7 +9,7 @@ export BIGMODEL_DATA_DIR := $(DATA_DIR)
 export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 EXTRAS ?= test
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2 --durations=15
 
 .PHONY: install demo test bench clean
 
