@@ -68,6 +68,7 @@ import tensorflow as tf
 
 from bigmodel.config import DataConfig
 from bigmodel.data import sources, tokenizers
+from bigmodel.data.lm import keyed_batches
 from bigmodel.data.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -537,26 +538,13 @@ class BertData:
 
   def _dataset(self, fn, global_batch: int, start: int, stop: int,
                host_rows: tuple[int, int] | None) -> tf.data.Dataset:
-    first, count = host_rows or (0, global_batch)
     s, p = self.cfg.seq_len, self.slots
-    shapes = {"input_ids": (count, s), "input_mask": (count, s), "segment_ids": (count, s),
-              "masked_lm_positions": (count, p), "masked_lm_ids": (count, p),
-              "masked_lm_weights": (count, p), "next_sentence_labels": (count,),
-              "next_sentence_weights": (count,)}
-    dtypes = [tf.float32 if k.endswith("weights") else tf.int32 for k in KEYS]
-
-    def np_batch(step):
-      keys = int(step) * global_batch + first + np.arange(count, dtype=np.int64)
-      batch = fn(keys)
-      return [batch[k] for k in KEYS]
-
-    def make(step):
-      outs = tf.numpy_function(np_batch, [step], dtypes, stateful=False)
-      return {k: tf.ensure_shape(o, shapes[k]) for k, o in zip(KEYS, outs)}
-
-    ds = tf.data.Dataset.range(start, stop).map(make, num_parallel_calls=tf.data.AUTOTUNE,
-                                                deterministic=True)
-    return ds.prefetch(2)
+    shapes = {"input_ids": (s,), "input_mask": (s,), "segment_ids": (s,),
+              "masked_lm_positions": (p,), "masked_lm_ids": (p,), "masked_lm_weights": (p,),
+              "next_sentence_labels": (), "next_sentence_weights": ()}
+    assert tuple(shapes) == KEYS
+    return keyed_batches(fn, shapes, ("masked_lm_weights", "next_sentence_weights"),
+                         global_batch, start, stop, host_rows)
 
   def train_batches(self, global_batch: int, start_step: int = 0,
                     host_rows: tuple[int, int] | None = None) -> tf.data.Dataset:

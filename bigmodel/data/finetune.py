@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from bigmodel.config import DataConfig
 from bigmodel.data import readers, tokenizers
+from bigmodel.data.lm import keyed_batches
 from bigmodel.data.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -149,24 +150,10 @@ class ClassificationData:
     return self._rows(self.val, keys % n, (keys < n).astype(np.float32))
 
   def _dataset(self, fn, global_batch, start, stop, host_rows):
-    first, count = host_rows or (0, global_batch)
     s = self.cfg.seq_len
-    shapes = {"input_ids": (count, s), "input_mask": (count, s), "segment_ids": (count, s),
-              "labels": (count,), "weights": (count,)}
-    dtypes = [tf.float32 if k == "weights" else tf.int32 for k in KEYS]
-
-    def np_batch(step):
-      keys = int(step) * global_batch + first + np.arange(count, dtype=np.int64)
-      batch = fn(keys)
-      return [batch[k] for k in KEYS]
-
-    def make(step):
-      outs = tf.numpy_function(np_batch, [step], dtypes, stateful=False)
-      return {k: tf.ensure_shape(o, shapes[k]) for k, o in zip(KEYS, outs)}
-
-    ds = tf.data.Dataset.range(start, stop).map(make, num_parallel_calls=tf.data.AUTOTUNE,
-                                                deterministic=True)
-    return ds.prefetch(2)
+    shapes = {"input_ids": (s,), "input_mask": (s,), "segment_ids": (s,), "labels": (), "weights": ()}
+    assert tuple(shapes) == KEYS
+    return keyed_batches(fn, shapes, ("weights",), global_batch, start, stop, host_rows)
 
   def train_batches(self, global_batch: int, start_step: int = 0, host_rows=None) -> tf.data.Dataset:
     stop = np.iinfo(np.int64).max // (2 * global_batch)

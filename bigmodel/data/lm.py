@@ -167,6 +167,33 @@ class LMData:
                    shuffle=False, num_steps=steps, host_rows=host_rows)
 
 
+def keyed_batches(rows_fn, shapes: dict, float_keys, global_batch: int, start: int, stop: int,
+                  host_rows: tuple[int, int] | None) -> tf.data.Dataset:
+  """Global batches start..stop-1 of a pipeline built in numpy, one row per example key.
+
+  Example key k (global batch k // global_batch) is a row of `rows_fn(keys)`, a dict of
+  numpy arrays; this host builds rows (first, count) = host_rows of every batch. `shapes`
+  gives each field's per-row shape, in output order; `float_keys` are float32, the rest int32.
+  Like `batches`, the result is a pure function of the step, so resuming is exact.
+  """
+  first, count = host_rows or (0, global_batch)
+  keys = list(shapes)
+  dtypes = [tf.float32 if k in float_keys else tf.int32 for k in keys]
+
+  def np_batch(step):
+    example_keys = int(step) * global_batch + first + np.arange(count, dtype=np.int64)
+    batch = rows_fn(example_keys)
+    return [batch[k] for k in keys]
+
+  def make(step):
+    outs = tf.numpy_function(np_batch, [step], dtypes, stateful=False)
+    return {k: tf.ensure_shape(o, (count,) + tuple(shapes[k])) for k, o in zip(keys, outs)}
+
+  ds = tf.data.Dataset.range(start, stop).map(make, num_parallel_calls=tf.data.AUTOTUNE,
+                                              deterministic=True)
+  return ds.prefetch(2)
+
+
 def to_global(batch: dict, sharding) -> dict:
   """Host-local numpy slices -> global jax.Arrays with the batch sharding."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
