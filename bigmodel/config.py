@@ -104,6 +104,9 @@ class DataConfig:
   label_column: str = ""
   column_names: Sequence[str] = ()  # the columns of a headerless file (else its first line is the header)
   labels: Sequence[str] = ()        # the label set in id order (default: inferred from the train file)
+  # --- token classification (NER) fields
+  # --- extractive QA fields
+  # --- prompted decoder (SFT, translation) fields
 
 
 @gin.configurable

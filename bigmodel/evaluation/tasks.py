@@ -1,8 +1,13 @@
-"""`bigmodel evaluate` and `bigmodel predict` for fine-tuned task models (objective
-`classification`): the latest checkpoint of a workdir over a file, with the field's metrics.
+"""`bigmodel evaluate` and `bigmodel predict` for fine-tuned task models: the latest
+checkpoint of a workdir over a file, with the field's metrics.
 
-    evaluate(workdir, exp, eval_file="")  -> {"accuracy", "macro_f1", "examples", ...}
-    predict(workdir, exp, input_file)     -> [{"label", "score", "probs"}...] per input row
+    evaluate(workdir, exp, eval_file="")  -> a metrics dict (JSON-serializable)
+    predict(workdir, exp, input_file)     -> one JSON-serializable dict per input example
+
+Both dispatch on TrainConfig.objective through HANDLERS: objective -> (evaluate, predict),
+each with the signature above. Sequence classification lives here:
+    evaluate -> {"accuracy", "macro_f1", "examples", ...}
+    predict  -> [{"label", "score", "text"}...] per input row
 
 The label set is the run's: DataConfig.labels, else inferred again from its train file
 (the same rule as training, so ids agree).
@@ -22,13 +27,20 @@ from bigmodel.data.sources import DataError
 from bigmodel.evaluation import metrics
 from bigmodel.train import loop
 
-SUPPORTED = ("classification",)
 
-
-def _check(exp):
-  if exp.train.objective not in SUPPORTED:
-    raise DataError(f"evaluate/predict support the objectives {SUPPORTED}; this run's is "
+def _handler(exp):
+  if exp.train.objective not in HANDLERS:
+    raise DataError(f"evaluate/predict support the objectives {sorted(HANDLERS)}; this run's is "
                     f"{exp.train.objective!r} (use `bigmodel eval` for validation loss)")
+  return HANDLERS[exp.train.objective]
+
+
+def evaluate(workdir: str, exp, eval_file: str = "") -> dict:
+  return _handler(exp)[0](workdir, exp, eval_file)
+
+
+def predict(workdir: str, exp, input_file: str) -> list[dict]:
+  return _handler(exp)[1](workdir, exp, input_file)
 
 
 def label_set(cfg) -> readers.LabelSet:
@@ -54,8 +66,7 @@ def _probabilities(comp, params, table: ft_data.Table, batch_size: int) -> np.nd
   return np.concatenate(out)
 
 
-def evaluate(workdir: str, exp, eval_file: str = "") -> dict:
-  _check(exp)
+def evaluate_classification(workdir: str, exp, eval_file: str = "") -> dict:
   cfg = exp.data
   path = readers.resolve(eval_file or (cfg.val_files[0] if cfg.val_files else ""), cfg.data_dir)
   if not path:
@@ -73,8 +84,7 @@ def evaluate(workdir: str, exp, eval_file: str = "") -> dict:
           "loss": float(nll.mean())}
 
 
-def predict(workdir: str, exp, input_file: str) -> list[dict]:
-  _check(exp)
+def predict_classification(workdir: str, exp, input_file: str) -> list[dict]:
   cfg = exp.data
   comp, params, tokenizer, _ = loop.restore_for_inference(workdir, exp)
   labels = label_set(cfg)
@@ -84,6 +94,12 @@ def predict(workdir: str, exp, input_file: str) -> list[dict]:
   probs = _probabilities(comp, params, table, exp.train.batch_size)
   return [{"text": list(t) if len(t) > 1 else t[0], "label": labels.names[int(p.argmax())],
            "score": float(p.max())} for t, p in zip(texts, probs)]
+
+
+# objective -> (evaluate, predict). Task modules add their entry here.
+HANDLERS = {
+    "classification": (evaluate_classification, predict_classification),
+}
 
 
 def write_json(obj, path: str) -> None:
