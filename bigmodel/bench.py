@@ -1,6 +1,6 @@
 """Training benchmark: a grid of recipes x model sizes x meshes x batch sizes x sequence lengths.
 
-    bigmodel bench                                   # = make bench: the two CPU shapes with the baseline
+    bigmodel bench                                   # = make bench: nanoGPT, GPT-2 small, BERT-base, with the baseline
     bigmodel bench --preset nanogpt --preset gpt2_small
     bigmodel bench --recipe experiments/gpt_shakespeare_char.gin --size gpt_nano --size gpt2_small \\
         --mesh data=1 --mesh data=2,fsdp=2,tensor=2 --batch 8,16 --seq 64,256 [--gin.NAME=VALUE ...]
@@ -86,7 +86,7 @@ PRESETS: dict[str, tuple[list[str], list[str]]] = {
                    "WARMUP_STEPS = 10", "LEARNING_RATE = 1e-4"]),
 }
 PRESETS["demo"] = PRESETS["nanogpt"]
-DEFAULT_PRESETS = ("nanogpt", "gpt2_small")
+DEFAULT_PRESETS = ("nanogpt", "gpt2_small", "bert_base")
 
 # Where the input pipeline is measured for a causal-LM point without data of its own.
 FALLBACK_TEXT = "tinyshakespeare/input.txt"
@@ -446,6 +446,7 @@ def record(name: str, runner, exp, times: list[float], peak: float,
       "params": runner.params, "flops_per_token_palm": fpt_palm,
       "flops_per_token_causal": fpt_causal,
       "tokens_per_sec": tps, "tokens_per_sec_per_device": tps / runner.devices,
+      "sequences_per_sec": b / step_s,
       "step_ms": step_s * 1e3, "step_ms_all": [round(x * 1e3, 3) for x in times],
       "mfu_palm": tps * fpt_palm / peak, "mfu_causal": tps * fpt_causal / peak,
       "memory_bytes_per_device": runner.memory, "compile_s": runner.compile_s,
@@ -525,10 +526,10 @@ def _mesh_str(mesh: dict) -> str:
 def format_table(records: list[dict], peak: float, peak_how: str) -> str:
   lines = [f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_how}); MFU (PaLM) counts 6N + 12·L·H·Q·T "
            f"FLOPs/token, MFU (causal) half the attention term", "",
-           "| point | framework | mesh | batch x seq | params | tokens/s | tokens/s/device | "
-           "step ms | MFU (PaLM) | MFU (causal) | memory/device | compile s | vs baseline | "
-           "input headroom |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| point | framework | mesh | batch x seq | params | tokens/s | sequences/s | "
+           "tokens/s/device | step ms | MFU (PaLM) | MFU (causal) | memory/device | compile s | "
+           "vs baseline | input headroom |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in records:
     mem = r.get("memory_bytes_per_device")
     mem = f"{mem / 2**20:,.0f} MiB" if mem else "-"
@@ -537,7 +538,7 @@ def format_table(records: list[dict], peak: float, peak_how: str) -> str:
     head = f"{r['input_headroom']:,.0f}x" if r.get("input_headroom") else "-"
     lines.append(
         f"| {r['name']} | {r['framework']} | {_mesh_str(r['mesh'])} | {r['batch']} x {r['seq']} | "
-        f"{r['params'] / 1e6:,.1f}M | {r['tokens_per_sec']:,.0f} | "
+        f"{r['params'] / 1e6:,.1f}M | {r['tokens_per_sec']:,.0f} | {r['sequences_per_sec']:,.1f} | "
         f"{r['tokens_per_sec_per_device']:,.0f} | {r['step_ms']:,.1f} | {r['mfu_palm']:.1%} | "
         f"{r['mfu_causal']:.1%} | {mem} | {comp} | {ratio} | {head} |")
   return "\n".join(lines)

@@ -1,4 +1,5 @@
-"""Command line: `bigmodel {train,eval,sample,compile,tokenizer} ...` (also `python -m bigmodel`).
+"""Command line: `bigmodel {train,finetune,eval,evaluate,predict,sample,compile,tokenizer,convert,bench} ...`
+(also `python -m bigmodel`).
 
     bigmodel train --gin_file=experiments/gpt_shakespeare_char.gin [--gin.NAME=VALUE ...] --workdir=DIR
     bigmodel eval --workdir=DIR
@@ -42,13 +43,15 @@ def _parser() -> argparse.ArgumentParser:
   ft = sub.add_parser("finetune", help="fine-tune on a task (train with a recipe from "
                       "experiments/finetune/; TrainConfig.init_checkpoint names the start)")
   gin_args(ft)
-  ev = sub.add_parser("evaluate", help="task metrics (accuracy, macro-F1) of a fine-tuned run -> JSON")
+  ev = sub.add_parser("evaluate", help="a fine-tuned run's task metrics -> JSON (accuracy and macro-F1, "
+                      "entity F1, SQuAD EM/F1, perplexity, BLEU)")
   gin_args(ev)
   ev.add_argument("--eval_file", default="", help="default: the run's DataConfig.val_files[0]")
   ev.add_argument("--out", default="", help="metrics JSON (default: WORKDIR/eval_metrics.json)")
   pr = sub.add_parser("predict", help="predictions of a fine-tuned run for an input file -> JSONL")
   gin_args(pr)
-  pr.add_argument("--input", required=True, help="TSV/CSV/JSONL with the run's text column(s)")
+  pr.add_argument("--input", required=True, help="the task's input file: TSV/CSV/JSONL text "
+                  "column(s), CoNLL or plain text, SQuAD JSON, prompts, or source sentences")
   pr.add_argument("--out", required=True, help="predictions, one JSON object a line")
   e = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
   gin_args(e)

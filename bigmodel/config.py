@@ -105,8 +105,44 @@ class DataConfig:
   column_names: Sequence[str] = ()  # the columns of a headerless file (else its first line is the header)
   labels: Sequence[str] = ()        # the label set in id order (default: inferred from the train file)
   # --- token classification (NER) fields
+  # (objective `token_classification`; see bigmodel/data/ner.py). `files`/`val_files` are
+  # CoNLL column files; with no files, `tfds_name` (e.g. 'conll2003') is read instead.
+  token_column: int = 0             # CoNLL: the word column (0-based; -1 is the last)
+  tag_column: int = -1              # CoNLL: the tag column (0-based; -1 is the last)
+  ner_tag_scheme: str = "iob2"      # iob2 (BIO): tags as they are | iob1: converted to IOB2 on reading
+  ner_eval_seq_len: int = 0         # evaluation/prediction row length (0: seq_len)
+  ner_length_buckets: Sequence[int] = ()  # training: batches of similar-length sentences, each cut
+                                    # to the smallest of these lengths that holds it (() : seq_len)
+  ner_input_format: str = "auto"    # predict --input: auto | conll | text (one sentence a line)
+  ner_tfds_tokens_key: str = "tokens"  # TFDS: the words feature
+  ner_tfds_tags_key: str = "ner"    # TFDS: the tag feature (a sequence of ClassLabel)
+  ner_tfds_eval_split: str = "dev"  # TFDS: the evaluation split (conll2003: dev; others: validation)
   # --- extractive QA fields
+  # (objective `qa`; see bigmodel/data/qa.py): `files` / `val_files` are SQuAD v1.1 JSON, or
+  # `tfds_name` ('squad', 'xquad/en') with the splits below.
+  doc_stride: int = 128             # sliding-window step over contexts longer than seq_len
+  max_query_len: int = 64           # questions are truncated to this many tokens
+  max_answer_len: int = 30          # decoding: the longest answer span, in tokens
+  n_best_size: int = 20             # decoding: start/end candidates per window
+  train_articles: str = ""          # article range 'START:END' of the train source ('' all)
+  eval_articles: str = ""           # ... of the eval source (the train file if val_files is empty)
+  tfds_train_split: str = "train"   # TFDS splits of tfds_name (xquad/en has only 'test')
+  tfds_eval_split: str = "validation"
   # --- prompted decoder (SFT, translation) fields
+  # (objective `prompted_lm`; see bigmodel/data/prompted.py). SFT: `files`/`val_files` are
+  # TSV/CSV/JSONL with prompt and response columns; translation: `files`/`val_files` are the
+  # source side and `target_files`/`val_target_files` the line-aligned target side.
+  prompt_column: str = ""           # SFT: the prompt column (e.g. 'instruction')
+  response_column: str = ""         # SFT: the response column (e.g. 'response')
+  prompt_template: str = "{prompt}\n"  # the text before the response; {prompt} is the prompt/source
+  target_files: Sequence[str] = ()  # translation: target-language train file, line-aligned with files[0]
+  val_target_files: Sequence[str] = ()  # translation: target-language eval file
+  prompted_spm_vocab: int = 0       # >0: train a SentencePiece model of this size on the train text
+  prompted_spm_type: str = "unigram"  # unigram | bpe
+  prompted_pack: bool = True        # pack several examples into a row (segment ids keep them apart)
+  prompted_max_new_tokens: int = 0  # generation limit (evaluate/predict); 0: up to seq_len
+  prompted_samples: int = 5         # generated examples shown by `bigmodel evaluate`
+  prompted_eval_limit: int = 0      # evaluate: generate for at most this many eval rows (0: all)
 
 
 @gin.configurable

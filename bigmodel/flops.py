@@ -4,6 +4,14 @@ Training FLOPs per token follow the PaLM paper, appendix B: 6*N + 12*L*H*Q*T, wi
 the parameters except position embeddings (a tied output embedding counts once),
 L layers, H heads, Q head dim, T sequence length. The `causal` variant (MaxText's
 convention) counts half the attention term, since a causal mask skips half of it.
+
+N counts the token embedding because a causal LM multiplies every position by it (the
+tied output projection). Objectives that project fewer positions onto the vocabulary say so
+with `output_fraction` (the share of positions that reach the vocabulary): BERT's masked LM
+projects only its gathered masked positions (20 of 128) through the MLM transform and the
+output embedding; classification, tagging and QA heads never touch the vocabulary (a
+lookup costs no FLOPs). Those positions' V*d (and the d*d MLM transform) are then counted
+at that fraction, so that MFU is not overstated.
 """
 
 from __future__ import annotations
@@ -17,11 +25,15 @@ from bigmodel.config import ModelConfig
 
 
 def training_flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int,
-                             causal_attention: bool = False) -> float:
+                             causal_attention: bool = False, output_fraction: float = 1.0,
+                             output_params: int | None = None) -> float:
+  """output_params: the params applied only at output positions (default: the V*d embedding)."""
   attn = 12 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len
   if causal_attention:
     attn /= 2
-  return 6 * n_params + attn
+  if output_params is None:
+    output_params = cfg.vocab_size * cfg.d_model
+  return 6 * (n_params - (1.0 - output_fraction) * output_params) + attn
 
 
 def measure_matmul_peak(n: int = 2048, dtype=jnp.float32, reps: int = 10) -> float:

@@ -19,13 +19,17 @@ def test_there_are_recipes():
 # Fine-tuning recipes name their data and starting point by macro; compiling needs neither.
 FINETUNE_PLACEHOLDERS = ["TRAIN_FILE = 'train.tsv'", "EVAL_FILE = 'dev.tsv'", "INIT_CHECKPOINT = ''"]
 # The test variants take the model size from the run they start from.
-SIZE_FOR = {"sst2_fast.gin": "experiments/sizes/minilm_l6.gin"}
+MINILM, NANO = "experiments/sizes/minilm_l6.gin", "experiments/sizes/gpt_nano.gin"
+SIZE_FOR = {"sst2_fast.gin": [MINILM], "conll2003_fast.gin": [MINILM], "xquad_fast.gin": [MINILM],
+            "sst2_gpt_fast.gin": [NANO]}
+EXTRA_FOR = {"sst2_gpt_fast.gin": ["ModelConfig.vocab_size = 257"]}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "experiments")))
 def test_every_recipe_compiles_ahead_of_time(recipe):
-  files = [SIZE_FOR[recipe.name]] if recipe.name in SIZE_FOR else []
+  files = SIZE_FOR.get(recipe.name, [])
   bindings = FINETUNE_PLACEHOLDERS if recipe.parent.name == "finetune" else []
+  bindings = bindings + EXTRA_FOR.get(recipe.name, [])
   exp = config.load(files + [str(recipe)], bindings)
   report = aot.compile_train_step(exp, MeshConfig(data=2, fsdp=2, tensor=2))
   assert report["devices"] == 8 and report["params"] > 0

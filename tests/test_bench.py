@@ -170,3 +170,24 @@ def test_bench_bad_point_is_a_usage_error(tmp_path, tiny_recipe, capsys):
   rc = bench.main(["--recipe", str(tiny_recipe), "--mesh", "data=3", "--baseline", "off",
                    "--peak_flops", "1e11", "--out", str(tmp_path / "r.json")])
   assert rc == 2 and "not divisible by the data-parallel size 3" in capsys.readouterr().err
+
+
+def test_flops_count_the_vocab_projection_only_where_an_objective_applies_it():
+  base = ["ModelConfig.vocab_size = 1000", "ModelConfig.d_model = 32", "ModelConfig.num_layers = 2",
+          "ModelConfig.num_heads = 4", "ModelConfig.max_len = 128", "DataConfig.seq_len = 128",
+          "TrainConfig.train_steps = 10", "TrainConfig.batch_size = 1"]
+  from bigmodel.train import state as state_lib
+  v, d, t = 1000, 32, 128
+  # BERT: the MLM transform (d*d + d dense, 2d LayerNorm, V output bias) and the V*d output
+  # run at the 20 gathered slots of 128, not at every position.
+  bert = _components(base + ["TrainConfig.objective = 'bert_mlm_nsp'", "ModelConfig.pre_norm = False"])
+  n = state_lib.param_count(bert.abstract.params, exclude=("pos_embed",))
+  head = state_lib.param_count(bert.abstract.params["mlm"]) + v * d
+  assert state_lib.param_count(bert.abstract.params["mlm"]) == d * d + d + 2 * d + v
+  attn = 12 * 2 * 4 * 8 * t
+  assert bert.flops_per_token() == pytest.approx(6 * (n - (1 - 20 / t) * head) + attn)
+  # a classifier never projects onto the vocabulary: its V*d lookup costs nothing
+  cls = _components(base + ["TrainConfig.objective = 'classification'", "ModelConfig.num_classes = 3",
+                            "ModelConfig.pre_norm = False"])
+  n = state_lib.param_count(cls.abstract.params, exclude=("pos_embed",))
+  assert cls.flops_per_token() == pytest.approx(6 * (n - v * d) + attn)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bigmodel.config import DataConfig
-from bigmodel.data import bert
+from bigmodel.data import bert, lm
 from bigmodel.data.sources import DataError
 
 V = 1000
@@ -234,8 +234,8 @@ def test_static_and_dynamic_masking(text_corpus, cache):
   for data, same in ((static, True), (dynamic, False)):
     # the same table rows in two epochs: identical masks only when static
     e0, e1 = data.train_rows(keys), data.train_rows(keys + n)
-    order0 = bert._permutation(0, 0, n)
-    order1 = bert._permutation(0, 1, n)
+    order0 = lm.epoch_permutation(0, 0, n, bert.SHUFFLE_SALT)
+    order1 = lm.epoch_permutation(0, 1, n, bert.SHUFFLE_SALT)
     inv1 = np.argsort(order1)[order0]
     equal = np.array_equal(e0["masked_lm_positions"], e1["masked_lm_positions"][inv1])
     assert equal == same

@@ -79,6 +79,11 @@ def test_cli_end_to_end(text_corpus, tmp_path):
   train = [r for r in records if "split" not in r]
   evals = [r for r in records if r.get("split") == "validation"]
   assert {"step", "loss", "learning_rate", "grad_norm", "tokens_per_sec", "mfu"} <= set(train[5])
+  # tokens/s counts the batch's token positions (8 rows x 16) per timed step
+  timed = [r for r in train if "tokens_per_sec" in r]
+  assert len(timed) >= 30
+  for r in timed:
+    assert r["tokens_per_sec"] * r["step_time"] == pytest.approx(8 * 16, rel=1e-6), r
   assert [r["step"] for r in evals] == [20, 40] and all("loss" in r for r in evals)
   first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
   assert last < first - 1.0, (first, last)

@@ -54,7 +54,6 @@ Batch (numpy, this host's rows; s = seq_len, p = prediction slots):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import logging
 import math
@@ -68,7 +67,7 @@ import tensorflow as tf
 
 from bigmodel.config import DataConfig
 from bigmodel.data import sources, tokenizers
-from bigmodel.data.lm import keyed_batches
+from bigmodel.data.lm import epoch_rows, keyed_batches
 from bigmodel.data.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -395,9 +394,7 @@ def mask_table(table: Table, vocab: BertVocab, rng: np.random.Generator, *, prob
 # ----------------------------------------------------------------------------- batches
 
 
-@functools.lru_cache(maxsize=4)
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch, 0x73687566]).permutation(n)
+SHUFFLE_SALT = 0x73687566   # this pipeline's stream of per-epoch shuffles (data.lm.epoch_rows)
 
 
 @dataclasses.dataclass
@@ -520,11 +517,7 @@ class BertData:
   def train_rows(self, keys: np.ndarray) -> dict:
     """Global example indices -> rows: per-epoch permutations of the table."""
     n = len(self.train)
-    epochs, within = keys // n, keys % n
-    idx = np.empty_like(keys)
-    for e in np.unique(epochs):
-      sel = epochs == e
-      idx[sel] = _permutation(self.cfg.seed, int(e), n)[within[sel]]
+    idx = epoch_rows(keys, n, self.cfg.seed, SHUFFLE_SALT)
     return self.rows(self.train, idx, keys if self.cfg.mlm_masking == "dynamic" else None)
 
   def eval_rows(self, keys: np.ndarray) -> dict:

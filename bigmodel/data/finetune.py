@@ -10,7 +10,12 @@
                            of truncated rows is logged
 
 Tokenization uses the model's tokenizer: an imported WordPiece (`hf_tokenizers`, with its own
-[CLS]/[SEP] template) or any tokenizer with [CLS] and [SEP] pieces.
+[CLS]/[SEP] template) or any tokenizer with [CLS] and [SEP] pieces. For a decoder
+(objective `decoder_classification`) rows are `A (EOS B) EOS` with no [CLS]/[SEP]: the
+classifier reads the last real token, so every row ends on the same EOS marker (dropped for
+tokenizers without one); the end is kept when a row is truncated.
+
+Files may also be TFDS splits, `tfds:glue/sst2:train` (see `readers.read_table`).
 
 Batches are a pure function of (seed, step), as in `data/lm.py` and `data/bert.py`: global
 example k is row `permutation(seed, k // n)[k % n]` of the train table, so resuming is exact.
@@ -30,7 +35,7 @@ import tensorflow as tf
 
 from bigmodel.config import DataConfig
 from bigmodel.data import readers, tokenizers
-from bigmodel.data.lm import keyed_batches
+from bigmodel.data.lm import epoch_rows, keyed_batches
 from bigmodel.data.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -50,8 +55,37 @@ class Table:
     return len(self.labels)
 
 
-def encode(tokenizer, texts: list[tuple[str, ...]], seq_len: int) -> Table:
-  """Rows of one or two texts -> padded [CLS] A [SEP] (B [SEP]) arrays (no labels)."""
+def encode_decoder(tokenizer, texts: list[tuple[str, ...]], seq_len: int) -> Table:
+  """Rows of one or two texts -> left-aligned `A (EOS B) EOS` arrays, padded with 0 (masked)."""
+  eos = getattr(tokenizer, "eos_id", None)
+  if eos is None and texts and len(texts[0]) > 1:
+    raise DataError(f"a sentence-pair decoder classifier joins A and B with EOS, and the "
+                    f"{type(tokenizer).__name__} tokenizer has none; use a tokenizer with EOS "
+                    f"(byte, SentencePiece, GPT-2 BPE) or one text column")
+  n = len(texts)
+  ids = np.zeros((n, seq_len), np.int32)
+  mask = np.zeros((n, seq_len), np.int32)
+  truncated = 0
+  for r, row in enumerate(texts):
+    toks: list[int] = []
+    for i, t in enumerate(row):
+      if i:
+        toks.append(eos)
+      toks += list(tokenizer.encode(t))
+    if eos is not None:
+      toks.append(eos)
+    if len(toks) > seq_len:
+      truncated += 1
+      toks = toks[:seq_len - 1] + toks[-1:]     # keep the final marker
+    ids[r, :len(toks)], mask[r, :len(toks)] = toks, 1
+  return Table(ids, mask, np.zeros_like(ids), np.full(n, -1, np.int32), truncated)
+
+
+def encode(tokenizer, texts: list[tuple[str, ...]], seq_len: int, decoder: bool = False) -> Table:
+  """Rows of one or two texts -> padded [CLS] A [SEP] (B [SEP]) arrays (no labels); for a
+  decoder, `encode_decoder`."""
+  if decoder:
+    return encode_decoder(tokenizer, texts, seq_len)
   if hasattr(tokenizer, "batch") and hasattr(tokenizer, "tok"):    # imported WordPiece
     firsts = [t[0] for t in texts]
     pairs = [t[1] for t in texts] if texts and len(texts[0]) > 1 else None
@@ -87,8 +121,7 @@ def encode(tokenizer, texts: list[tuple[str, ...]], seq_len: int) -> Table:
                np.full(len(texts), -1, np.int32), int(np.sum(lengths > seq_len)))
 
 
-def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-  return np.random.default_rng([seed, epoch, 0x636c73]).permutation(n)
+SHUFFLE_SALT = 0x636c73   # this pipeline's stream of per-epoch shuffles (data.lm.epoch_rows)
 
 
 @dataclasses.dataclass
@@ -100,8 +133,10 @@ class ClassificationData:
   val: Table
   source: str
 
+  decoder: bool = False
+
   @classmethod
-  def build(cls, cfg: DataConfig, tokenizer=None) -> "ClassificationData":
+  def build(cls, cfg: DataConfig, tokenizer=None, decoder: bool = False) -> "ClassificationData":
     if not cfg.files:
       raise DataError("classification needs a train file: DataConfig.files = [%TRAIN_FILE]")
     if not cfg.text_columns:
@@ -115,10 +150,10 @@ class ClassificationData:
     texts, labels = readers.read_classification(train_path, cfg.text_columns, cfg.label_column,
                                                 cfg.column_names)
     label_set = readers.LabelSet(tuple(cfg.labels)) if cfg.labels else readers.LabelSet.infer(labels)
-    train = encode(tokenizer, texts, cfg.seq_len)
+    train = encode(tokenizer, texts, cfg.seq_len, decoder)
     train.labels = np.asarray(label_set.ids(labels, train_path), np.int32)
     if val_path:
-      val = load_eval(cfg, tokenizer, label_set, val_path)
+      val = load_eval(cfg, tokenizer, label_set, val_path, decoder=decoder)
     else:
       raise DataError("classification needs an eval file: DataConfig.val_files = [%EVAL_FILE]")
     for name, t, path in (("train", train, train_path), ("eval", val, val_path)):
@@ -127,7 +162,7 @@ class ClassificationData:
                     path, t.truncated, len(t), cfg.seq_len)
     log.info("classification data: %d train rows (%s), %d eval rows (%s), %d labels, %d+%d truncated",
              len(train), train_path, len(val), val_path, len(label_set), train.truncated, val.truncated)
-    return cls(cfg, tokenizer, label_set, train, val, train_path)
+    return cls(cfg, tokenizer, label_set, train, val, train_path, decoder)
 
   # --- batches, a pure function of (seed, step)
 
@@ -138,11 +173,7 @@ class ClassificationData:
 
   def train_rows(self, keys: np.ndarray) -> dict:
     n = len(self.train)
-    epochs, within = keys // n, keys % n
-    idx = np.empty_like(keys)
-    for e in np.unique(epochs):
-      sel = epochs == e
-      idx[sel] = _permutation(self.cfg.seed, int(e), n)[within[sel]]
+    idx = epoch_rows(keys, n, self.cfg.seed, SHUFFLE_SALT)
     return self._rows(self.train, idx, np.ones(len(keys)))
 
   def eval_rows(self, keys: np.ndarray) -> dict:
@@ -166,12 +197,12 @@ class ClassificationData:
 
 
 def load_eval(cfg: DataConfig, tokenizer, label_set: readers.LabelSet, path: str,
-              with_labels: bool = True) -> Table:
+              with_labels: bool = True, decoder: bool = False) -> Table:
   """An eval or prediction file, encoded; labels checked against the label set."""
   texts, labels = readers.read_classification(path, cfg.text_columns,
                                               cfg.label_column if with_labels else "",
                                               cfg.column_names)
-  table = encode(tokenizer, texts, cfg.seq_len)
+  table = encode(tokenizer, texts, cfg.seq_len, decoder)
   if labels is not None:
     table.labels = np.asarray(label_set.ids(labels, path), np.int32)
   return table

@@ -16,6 +16,7 @@ turns into one global array sharded over (data, fsdp).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Iterator
 
@@ -165,6 +166,28 @@ class LMData:
     steps = max(1, min(self.cfg.eval_batches, -(-n_rows // global_batch)))
     return batches(self.val, self.cfg.seq_len, self.cfg.seq_len, global_batch, seed=self.cfg.seed,
                    shuffle=False, num_steps=steps, host_rows=host_rows)
+
+
+def epoch_permutation(seed: int, epoch: int, n: int, salt: int) -> np.ndarray:
+  """The order of a table's n rows in one epoch: a pure function of (seed, epoch, salt)."""
+  return _cached_permutation(seed, epoch, n, salt).copy()
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_permutation(seed: int, epoch: int, n: int, salt: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch, salt]).permutation(n)
+
+
+def epoch_rows(keys: np.ndarray, n: int, seed: int, salt: int) -> np.ndarray:
+  """Global example keys -> table rows: key k is row epoch_permutation(seed, k // n)[k % n], so
+  every epoch visits each row once in a fresh order and resuming at any key is exact. The
+  salt keeps pipelines (BERT pairs, task tables) on separate shuffle streams."""
+  epochs, within = keys // n, keys % n
+  idx = np.empty_like(keys)
+  for e in np.unique(epochs):
+    sel = epochs == e
+    idx[sel] = _cached_permutation(seed, int(e), n, salt)[within[sel]]
+  return idx
 
 
 def keyed_batches(rows_fn, shapes: dict, float_keys, global_batch: int, start: int, stop: int,

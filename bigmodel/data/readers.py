@@ -1,7 +1,9 @@
 """Readers for task data a user points at without writing code.
 
   read_table(path, ...)            TSV / CSV / JSONL rows as dicts (header line, or COLUMN_NAMES
-                                   for headerless files); the format follows the extension
+                                   for headerless files); the format follows the extension.
+                                   `tfds:NAME:SPLIT` (e.g. `tfds:glue/sst2:validation`) reads a
+                                   TFDS split instead, one dict per example (tfds_rows)
   read_classification(path, ...)   (texts: tuple per row of the chosen text column(s), labels)
   LabelSet                         labels inferred from the training file (sorted; numerically
                                    when all are integers) or given; an unseen label names itself
@@ -26,8 +28,13 @@ from bigmodel.data.sources import DataError
 FORMATS = ("tsv", "csv", "jsonl")
 
 
+TFDS_PREFIX = "tfds:"
+
+
 def resolve(path: str, data_dir: str = "") -> str:
-  """A relative path that does not exist here is read under data_dir."""
+  """A relative path that does not exist here is read under data_dir (`tfds:` specs stay)."""
+  if path.startswith(TFDS_PREFIX):
+    return path
   if path and not os.path.isabs(path) and not os.path.exists(path) and data_dir:
     return os.path.join(data_dir, path)
   return path
@@ -59,11 +66,52 @@ def file_format(path: str, fmt: str = "") -> str:
                   f".csv or .jsonl (or set the format)")
 
 
+def parse_tfds_spec(spec: str) -> tuple[str, str]:
+  """`tfds:glue/sst2:validation` -> ("glue/sst2", "validation")."""
+  body = spec[len(TFDS_PREFIX):]
+  name, _, split = body.rpartition(":")
+  if not name or not split:
+    raise DataError(f"{spec!r}: a TFDS source is written tfds:NAME:SPLIT, e.g. "
+                    f"tfds:glue/sst2:train or tfds:glue/sst2:validation")
+  return name, split
+
+
+def _tfds_value(v):
+  if isinstance(v, bytes):
+    return v.decode("utf-8")
+  if hasattr(v, "tolist"):
+    v = v.tolist()
+    if isinstance(v, list):
+      return [x.decode("utf-8") if isinstance(x, bytes) else x for x in v]
+  return v
+
+
+def tfds_rows(spec: str, data_dir: str | None = None) -> list[dict]:
+  """Every example of a TFDS split as a dict (bytes decoded to str, arrays to lists).
+
+  ClassLabel features stay integer ids, as in the datasets' own files (GLUE TSVs)."""
+  import tensorflow_datasets as tfds
+  name, split = parse_tfds_spec(spec)
+  try:
+    ds = tfds.load(name, split=split, data_dir=data_dir or None, download=True)
+  except Exception as e:  # tfds raises many kinds; all mean "cannot get this dataset"
+    raise DataError(f"could not load TFDS dataset {name!r} split {split!r}: {e}. With no "
+                    f"network, point the recipe at local files under the data directory "
+                    f"instead.") from None
+  rows = [{k: _tfds_value(v) for k, v in ex.items()} for ex in tfds.as_numpy(ds)]
+  if not rows:
+    raise DataError(f"{spec}: the TFDS split is empty")
+  return rows
+
+
 def read_table(path: str, column_names: Sequence[str] = (), fmt: str = "") -> list[dict]:
-  """Rows of a TSV, CSV or JSONL file as dicts of strings (JSONL values as parsed).
+  """Rows of a TSV, CSV or JSONL file as dicts of strings (JSONL values as parsed), or of a
+  TFDS split named `tfds:NAME:SPLIT`.
 
   column_names: the columns of a headerless TSV/CSV file (else its first line is the header).
   """
+  if path.startswith(TFDS_PREFIX):
+    return tfds_rows(path)
   fmt = file_format(path, fmt)
   text = _read_text(path)
   if fmt == "jsonl":

@@ -54,6 +54,10 @@ def label_set(cfg) -> readers.LabelSet:
   return readers.LabelSet.infer(labels)
 
 
+def _is_decoder(exp) -> bool:
+  return exp.train.objective == "decoder_classification"
+
+
 def _probabilities(comp, params, table: ft_data.Table, batch_size: int) -> np.ndarray:
   apply = jax.jit(lambda p, ids, seg, mask: jax.nn.softmax(
       comp.model.apply({"params": p}, ids, seg, mask, deterministic=True), axis=-1))
@@ -73,7 +77,7 @@ def evaluate_classification(workdir: str, exp, eval_file: str = "") -> dict:
     raise DataError("no eval file: pass --eval_file or set DataConfig.val_files")
   comp, params, tokenizer, step = loop.restore_for_inference(workdir, exp)
   labels = label_set(cfg)
-  table = ft_data.load_eval(cfg, tokenizer, labels, path)
+  table = ft_data.load_eval(cfg, tokenizer, labels, path, decoder=_is_decoder(exp))
   probs = _probabilities(comp, params, table, exp.train.batch_size)
   pred = probs.argmax(-1)
   gold = table.labels
@@ -90,15 +94,49 @@ def predict_classification(workdir: str, exp, input_file: str) -> list[dict]:
   labels = label_set(cfg)
   path = readers.resolve(input_file, cfg.data_dir)
   texts = ft_data.read_texts(cfg, path)
-  table = ft_data.encode(tokenizer, texts, cfg.seq_len)
+  table = ft_data.encode(tokenizer, texts, cfg.seq_len, _is_decoder(exp))
   probs = _probabilities(comp, params, table, exp.train.batch_size)
   return [{"text": list(t) if len(t) > 1 else t[0], "label": labels.names[int(p.argmax())],
            "score": float(p.max())} for t, p in zip(texts, probs)]
 
 
+def _evaluate_qa(workdir: str, exp, eval_file: str = "") -> dict:
+  from bigmodel.evaluation import qa
+  return qa.evaluate_qa(workdir, exp, eval_file)
+
+
+def _predict_qa(workdir: str, exp, input_file: str) -> list[dict]:
+  from bigmodel.evaluation import qa
+  return qa.predict_qa(workdir, exp, input_file)
+
+
+def _evaluate_ner(workdir: str, exp, eval_file: str = "") -> dict:
+  from bigmodel.evaluation import ner
+  return ner.evaluate_ner(workdir, exp, eval_file)
+
+
+def _predict_ner(workdir: str, exp, input_file: str) -> list[dict]:
+  from bigmodel.evaluation import ner
+  return ner.predict_ner(workdir, exp, input_file)
+
+
+def _evaluate_prompted(workdir: str, exp, eval_file: str = "") -> dict:
+  from bigmodel.evaluation import prompted
+  return prompted.evaluate_prompted(workdir, exp, eval_file)
+
+
+def _predict_prompted(workdir: str, exp, input_file: str) -> list[dict]:
+  from bigmodel.evaluation import prompted
+  return prompted.predict_prompted(workdir, exp, input_file)
+
+
 # objective -> (evaluate, predict). Task modules add their entry here.
 HANDLERS = {
     "classification": (evaluate_classification, predict_classification),
+    "decoder_classification": (evaluate_classification, predict_classification),
+    "qa": (_evaluate_qa, _predict_qa),
+    "token_classification": (_evaluate_ner, _predict_ner),
+    "prompted_lm": (_evaluate_prompted, _predict_prompted),
 }
 
 

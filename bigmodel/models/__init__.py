@@ -2,9 +2,14 @@
 
 from bigmodel.models.decoder import Decoder
 from bigmodel.models.encoder import Encoder
-from bigmodel.models.heads import EncoderClassifier
+from bigmodel.models.heads import DecoderClassifier, EncoderClassifier
+from bigmodel.models.qa import EncoderSpanExtractor
+from bigmodel.models.tagger import EncoderTagger
 
-MODELS = {"decoder": Decoder, "encoder": Encoder, "encoder_classifier": EncoderClassifier}
+MODELS = {"decoder": Decoder, "encoder": Encoder, "encoder_classifier": EncoderClassifier,
+          "decoder_classifier": DecoderClassifier,
+          "encoder_span": EncoderSpanExtractor,
+          "encoder_tagger": EncoderTagger}
 
 
 def build(name: str, cfg, mesh=None):

@@ -22,8 +22,12 @@ class Decoder(nn.Module):
   mesh: Mesh | None = None
 
   @nn.compact
-  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True):
-    """tokens, positions, segment_ids: int [b, s]. segment 0 marks padding."""
+  def __call__(self, tokens, positions=None, segment_ids=None, deterministic: bool = True,
+               return_hidden: bool = False):
+    """tokens, positions, segment_ids: int [b, s]. segment 0 marks padding.
+
+    Returns logits float32 [b, s, v]; with return_hidden, the final-norm hidden states
+    [b, s, d] instead (task heads on the decoder; the LM head is then not applied)."""
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -40,6 +44,8 @@ class Decoder(nn.Module):
     mask = attention_mask(segment_ids, segment_ids, causal=True)
     x = BlockStack(cfg, self.mesh, deterministic, name="blocks")(x, mask, positions)
     x = Norm(cfg, name="final_norm")(x)
+    if return_hidden:
+      return constrain(x, BSD, self.mesh)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
     else:

@@ -40,6 +40,12 @@ def example_batch(batch_size: int, seq_len: int) -> dict:
           "next_sentence_weights": jnp.ones((batch_size,), jnp.float32)}
 
 
+def output_fraction(cfg) -> float:
+  """The MLM head runs at the gathered prediction slots only (bigmodel.flops)."""
+  return (cfg.mlm_max_predictions or bert_data.prediction_slots(cfg.seq_len, cfg.mlm_probability)) \
+      / cfg.seq_len
+
+
 def build_data(cfg, tokenizer=None) -> bert_data.BertData:
   return bert_data.BertData.build(cfg, tokenizer)
 

@@ -1,5 +1,7 @@
-"""Sequence classification (objective `classification`): cross-entropy on a pooled encoder
-summary (`bigmodel.models.heads.EncoderClassifier`), single sentences or pairs.
+"""Sequence classification: cross-entropy on a pooled summary, single sentences or pairs.
+  objective `classification`          an encoder (`models.heads.EncoderClassifier`)
+  objective `decoder_classification`  a GPT decoder, read at its last real token
+                                      (`models.heads.DecoderClassifier`)
 
 Losses are sum-reduced; aux `weight` counts the real rows (padding rows of a last eval batch
 weigh 0). Metrics (summarize): loss, accuracy. Macro-F1 needs every prediction: `bigmodel
@@ -27,6 +29,10 @@ def example_batch(batch_size: int, seq_len: int) -> dict:
 
 def build_data(cfg, tokenizer=None) -> ft_data.ClassificationData:
   return ft_data.ClassificationData.build(cfg, tokenizer)
+
+
+def build_decoder_data(cfg, tokenizer=None) -> ft_data.ClassificationData:
+  return ft_data.ClassificationData.build(cfg, tokenizer, decoder=True)
 
 
 def classification_loss(model, params, batch, *, deterministic=True, rngs=None):

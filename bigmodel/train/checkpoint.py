@@ -30,6 +30,27 @@ def _flat(tree) -> dict[str, Any]:
   return out
 
 
+def shapes(tree) -> dict[str, tuple]:
+  """'params/blocks/.../kernel' -> shape, for every array (or abstract array) in a tree."""
+  return {k: tuple(v.shape) for k, v in _flat(tree).items() if hasattr(v, "shape")}
+
+
+def shape_problems(got: dict[str, tuple], want: dict[str, tuple], limit: int = 8) -> list[str]:
+  """Lines naming every difference between stored (`got`) and model (`want`) shapes."""
+  order = sorted(want, key=lambda k: (not k.startswith("params/"), k))   # params first
+  problems = [f"  {k}: checkpoint {got[k]} vs model {want[k]}"
+              for k in order if k in got and got[k] != want[k]]
+  if len(problems) > limit:
+    problems = problems[:limit] + [f"  ... and {len(problems) - limit} more"]
+  missing = sorted(set(want) - set(got))
+  extra = sorted(set(got) - set(want))
+  if missing:
+    problems.append(f"  missing from the checkpoint: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+  if extra:
+    problems.append(f"  not in the model: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+  return problems
+
+
 class Checkpointer:
   def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
@@ -56,19 +77,7 @@ class Checkpointer:
                             f"be corrupt: move it aside to restart from an earlier step") from None
     if stored is None:
       return
-    got = {k: tuple(v.shape) for k, v in _flat(stored).items() if hasattr(v, "shape")}
-    want = {k: tuple(v.shape) for k, v in _flat(abstract_state).items()}
-    order = sorted(want, key=lambda k: (not k.startswith("params/"), k))   # params first
-    problems = [f"  {k}: checkpoint {got[k]} vs model {want[k]}"
-                for k in order if k in got and got[k] != want[k]]
-    if len(problems) > 8:
-      problems = problems[:8] + [f"  ... and {len(problems) - 8} more"]
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    if missing:
-      problems.append(f"  missing from the checkpoint: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if extra:
-      problems.append(f"  not in the model: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    problems = shape_problems(shapes(stored), shapes(abstract_state))
     if problems:
       raise CheckpointError(
           f"the checkpoint in {self.directory} (step {step}) does not match this model:\n"

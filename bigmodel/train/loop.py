@@ -62,7 +62,12 @@ class Components:
 
   def flops_per_token(self, causal: bool = False) -> float:
     n = state_lib.param_count(self.abstract.params, exclude=("pos_embed",))
-    return flops.training_flops_per_token(self.exp.model, n, self.exp.data.seq_len, causal)
+    frac, head = self.objective.output_fraction(self.exp.data), None
+    if frac < 1.0 and "mlm" in self.abstract.params:    # the MLM transform runs where the output does
+      head = state_lib.param_count(self.abstract.params["mlm"]) + \
+          self.exp.model.vocab_size * self.exp.model.d_model
+    return flops.training_flops_per_token(self.exp.model, n, self.exp.data.seq_len, causal,
+                                          frac, head)
 
   def train_step(self):
     return step_lib.make_train_step(self.model, self.tx, self.lr, self.objective.loss_fn, self.mesh,
@@ -113,8 +118,7 @@ def load_params(workdir: str, abstract_params, init_params=None) -> tuple[Any, i
       raise checkpoint.CheckpointError(f"TrainConfig.init_checkpoint: {directory} holds no checkpoint")
     stored = manager.item_metadata(step)["state"]
     stored = stored.get("params", {}) if hasattr(stored, "get") else {}
-    got = {k: tuple(v.shape) for k, v in checkpoint._flat(stored).items() if hasattr(v, "shape")}
-    want = {k: tuple(v.shape) for k, v in checkpoint._flat(abstract_params).items()}
+    got, want = checkpoint.shapes(stored), checkpoint.shapes(abstract_params)
     fresh = {}
     if init_params is not None:   # fine-tuning: a new head starts fresh, unused heads are dropped
       from bigmodel.models.heads import FRESH_PARAMS
@@ -124,12 +128,11 @@ def load_params(workdir: str, abstract_params, init_params=None) -> tuple[Any, i
       if fresh:
         abstract_params = {k: v for k, v in abstract_params.items() if k not in FRESH_PARAMS}
         print(f"init_checkpoint: {len(fresh)} head params start fresh: {sorted(fresh)}", flush=True)
-    if got != want:
-      diff = [f"  {k}: checkpoint {got.get(k)} vs model {want.get(k)}"
-              for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+    problems = checkpoint.shape_problems(got, want)
+    if problems:
       raise checkpoint.CheckpointError(
           f"TrainConfig.init_checkpoint: the params in {directory} (step {step}) do not match "
-          f"this model:\n" + "\n".join(diff[:12]) + "\nUse the same ModelConfig (max_len too).")
+          f"this model:\n" + "\n".join(problems) + "\nUse the same ModelConfig (max_len too).")
     item = {"params": abstract_params}
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -140,6 +143,13 @@ def load_params(workdir: str, abstract_params, init_params=None) -> tuple[Any, i
   if fresh:
     params = {**params, **{k: v for k, v in init_params.items() if k not in params}}
   return params, step
+
+
+def batch_tokens(batch: dict) -> int:
+  """Token positions in a global batch: the largest [b, s] array (rows may be narrower than
+  DataConfig.seq_len when a pipeline buckets by length)."""
+  sizes = [x.shape[0] * x.shape[1] for x in jax.tree.leaves(batch) if getattr(x, "ndim", 0) >= 2]
+  return max(sizes) if sizes else len(jax.tree.leaves(batch)[0])
 
 
 def evaluate(comp: Components, params, data, eval_step=None) -> dict:
@@ -203,7 +213,6 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
   train_step, eval_step = comp.train_step(), comp.eval_step()
   writer = MetricWriter(workdir, tc.train_steps)
   batch_sh = sharding.batch_sharding(mesh)
-  tokens_per_step = tc.batch_size * exp.data.seq_len
   eval_record: dict = {}
 
   def run_eval(step):
@@ -223,6 +232,7 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
   step = start
   t_last, step_last = time.time(), start
   train_time, timed_steps = 0.0, 0   # excludes the compiling first step, evals and saves
+  timed_tokens, pending_tokens = 0, 0   # tokens of the timed steps; of those since t_last
   host_rows = sharding.host_batch_slice(mesh, tc.batch_size)
   batches = lm_data.global_iterator(data.train_batches(tc.batch_size, start, host_rows), batch_sh)
   last_step = min(tc.train_steps, tc.stop_after) if tc.stop_after else tc.train_steps
@@ -233,6 +243,8 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
       if step == start + 1:
         jax.block_until_ready(metrics)
         t_last, step_last = time.time(), step
+      else:
+        pending_tokens += batch_tokens(batch)
       if step % tc.log_every == 0 or step == last_step:
         metrics = jax.device_get(metrics)
         record = {"step": step, "loss": float(metrics["loss"]),
@@ -241,11 +253,12 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
         if step > step_last:
           now = time.time()
           dt = (now - t_last) / (step - step_last)
+          tps = pending_tokens / (now - t_last)
           train_time += now - t_last
           timed_steps += step - step_last
+          timed_tokens, pending_tokens = timed_tokens + pending_tokens, 0
           t_last, step_last = now, step
-          record.update(step_time=dt, tokens_per_sec=tokens_per_step / dt,
-                        mfu=tokens_per_step / dt * fpt / peak)
+          record.update(step_time=dt, tokens_per_sec=tps, mfu=tps * fpt / peak)
         record.update(comp.objective.summarize({k[4:]: v for k, v in metrics.items()
                                                 if k.startswith("sum/")}))
         record.pop("perplexity", None)
@@ -258,6 +271,7 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
         jax.block_until_ready(state.step)
         train_time += time.time() - t_last
         timed_steps += step - step_last
+        timed_tokens, pending_tokens = timed_tokens + pending_tokens, 0
         run_eval(step)
         t_last, step_last = time.time(), step
       if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != last_step:
@@ -272,7 +286,7 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
 
   summary = {"step": step, "params": n_params,
              "validation_loss": eval_record.get("loss"),
-             "tokens_per_sec": timed_steps * tokens_per_step / train_time if train_time else None,
+             "tokens_per_sec": timed_tokens / train_time if train_time else None,
              "mfu": None, "peak_flops": peak, "peak_flops_source": peak_how,
              "wall_time_s": time.time() - wall_start, "train_time_s": train_time}
   if summary["tokens_per_sec"]:
