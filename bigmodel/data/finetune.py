@@ -31,11 +31,10 @@ import dataclasses
 import logging
 
 import numpy as np
-import tensorflow as tf
 
 from bigmodel.config import DataConfig
 from bigmodel.data import readers, tokenizers
-from bigmodel.data.lm import epoch_rows, keyed_batches
+from bigmodel.data.lm import KeyedTable, epoch_rows
 from bigmodel.data.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -125,7 +124,7 @@ SHUFFLE_SALT = 0x636c73   # this pipeline's stream of per-epoch shuffles (data.l
 
 
 @dataclasses.dataclass
-class ClassificationData:
+class ClassificationData(KeyedTable):
   cfg: DataConfig
   tokenizer: object
   labels: readers.LabelSet
@@ -180,20 +179,11 @@ class ClassificationData:
     n = len(self.val)
     return self._rows(self.val, keys % n, (keys < n).astype(np.float32))
 
-  def _dataset(self, fn, global_batch, start, stop, host_rows):
+  def row_shapes(self) -> dict:
     s = self.cfg.seq_len
     shapes = {"input_ids": (s,), "input_mask": (s,), "segment_ids": (s,), "labels": (), "weights": ()}
     assert tuple(shapes) == KEYS
-    return keyed_batches(fn, shapes, ("weights",), global_batch, start, stop, host_rows)
-
-  def train_batches(self, global_batch: int, start_step: int = 0, host_rows=None) -> tf.data.Dataset:
-    stop = np.iinfo(np.int64).max // (2 * global_batch)
-    return self._dataset(self.train_rows, global_batch, start_step, stop, host_rows)
-
-  def eval_batches(self, global_batch: int, host_rows=None) -> tf.data.Dataset:
-    """Every eval row (DataConfig.eval_batches does not cut classification evals short)."""
-    steps = -(-len(self.val) // global_batch)
-    return self._dataset(self.eval_rows, global_batch, 0, steps, host_rows)
+    return shapes
 
 
 def load_eval(cfg: DataConfig, tokenizer, label_set: readers.LabelSet, path: str,

@@ -217,6 +217,27 @@ def keyed_batches(rows_fn, shapes: dict, float_keys, global_batch: int, start: i
   return ds.prefetch(2)
 
 
+class KeyedTable:
+  """train_batches / eval_batches for a pipeline whose rows are pure functions of global
+  example keys: it provides `train_rows(keys)`, `eval_rows(keys)` (weight 0 past the end),
+  `val` (sized) and `row_shapes()` (key -> per-row shape; `weights` is the float key).
+  Train batches run on forever from any step; eval batches cover every eval row once."""
+
+  def row_shapes(self) -> dict:
+    raise NotImplementedError
+
+  def train_batches(self, global_batch: int, start_step: int = 0, host_rows=None) -> tf.data.Dataset:
+    stop = np.iinfo(np.int64).max // (2 * global_batch)
+    return keyed_batches(self.train_rows, self.row_shapes(), ("weights",), global_batch,
+                         start_step, stop, host_rows)
+
+  def eval_batches(self, global_batch: int, host_rows=None) -> tf.data.Dataset:
+    """Every eval row (DataConfig.eval_batches does not cut these evals short)."""
+    steps = -(-len(self.val) // global_batch)
+    return keyed_batches(self.eval_rows, self.row_shapes(), ("weights",), global_batch, 0,
+                         steps, host_rows)
+
+
 def to_global(batch: dict, sharding) -> dict:
   """Host-local numpy slices -> global jax.Arrays with the batch sharding."""
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}

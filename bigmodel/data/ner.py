@@ -50,7 +50,7 @@ import numpy as np
 import tensorflow as tf
 
 from bigmodel.config import DataConfig
-from bigmodel.data import readers, tokenizers
+from bigmodel.data import readers, sources, tokenizers
 from bigmodel.data.lm import epoch_permutation, epoch_rows, keyed_batches
 from bigmodel.data.sources import DataError
 
@@ -211,7 +211,6 @@ def read_tfds(cfg: DataConfig, split: str) -> tuple[list[Sentence], tuple[str, .
     builder = tfds.builder(name)
     feature = builder.info.features[cfg.ner_tfds_tags_key]
     names = tuple(feature.feature.names)
-    ds = tfds.load(name, split=split, download=True)
   except KeyError:
     raise DataError(f"TFDS {name!r} has no feature {cfg.ner_tfds_tags_key!r} "
                     f"(DataConfig.ner_tfds_tags_key)") from None
@@ -219,7 +218,8 @@ def read_tfds(cfg: DataConfig, split: str) -> tuple[list[Sentence], tuple[str, .
     raise DataError(f"could not load TFDS dataset {name!r} split {split!r}: {e}. With no network, "
                     f"point TRAIN_FILE / EVAL_FILE at CoNLL files instead.") from None
   sentences = []
-  for ex in tfds.as_numpy(ds):
+  for ex in sources.tfds_examples(name, split, None,
+                                  "point TRAIN_FILE / EVAL_FILE at CoNLL files instead"):
     if cfg.ner_tfds_tokens_key not in ex:
       raise DataError(f"TFDS {name!r} has no field {cfg.ner_tfds_tokens_key!r}; fields: {sorted(ex)}")
     words = [w.decode("utf-8") for w in ex[cfg.ner_tfds_tokens_key]]

@@ -39,11 +39,10 @@ import os
 import tempfile
 
 import numpy as np
-import tensorflow as tf
 
 from bigmodel.config import DataConfig
 from bigmodel.data import readers, tokenizers
-from bigmodel.data.lm import epoch_rows, keyed_batches
+from bigmodel.data.lm import KeyedTable, epoch_rows
 from bigmodel.data.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -344,7 +343,7 @@ SHUFFLE_SALT = 0x70726f6d   # this pipeline's stream of per-epoch shuffles (data
 
 
 @dataclasses.dataclass
-class PromptedData:
+class PromptedData(KeyedTable):
   cfg: DataConfig
   tokenizer: object
   train: Rows
@@ -390,16 +389,5 @@ class PromptedData:
     n = len(self.val)
     return self._rows(self.val, keys % n, keys < n)
 
-  def _dataset(self, fn, global_batch, start, stop, host_rows):
-    s = self.cfg.seq_len
-    shapes = {k: (s,) for k in KEYS}
-    return keyed_batches(fn, shapes, ("weights",), global_batch, start, stop, host_rows)
-
-  def train_batches(self, global_batch: int, start_step: int = 0, host_rows=None) -> tf.data.Dataset:
-    stop = np.iinfo(np.int64).max // (2 * global_batch)
-    return self._dataset(self.train_rows, global_batch, start_step, stop, host_rows)
-
-  def eval_batches(self, global_batch: int, host_rows=None) -> tf.data.Dataset:
-    """Every eval row (DataConfig.eval_batches does not cut these evals short)."""
-    steps = -(-len(self.val) // global_batch)
-    return self._dataset(self.eval_rows, global_batch, 0, steps, host_rows)
+  def row_shapes(self) -> dict:
+    return {k: (self.cfg.seq_len,) for k in KEYS}

@@ -44,16 +44,14 @@ import dataclasses
 import logging
 
 import numpy as np
-import tensorflow as tf
 
 from bigmodel.config import DataConfig
-from bigmodel.data import readers, tokenizers
-from bigmodel.data.lm import epoch_rows, keyed_batches
+from bigmodel.data import readers, sources, tokenizers
+from bigmodel.data.lm import KeyedTable, epoch_rows
 from bigmodel.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
-TFDS_PREFIX = "tfds:"
 KEYS = ("input_ids", "input_mask", "segment_ids", "start_positions", "end_positions", "weights")
 
 
@@ -74,15 +72,10 @@ def read_file(path: str) -> list[dict]:
 def read_tfds(name: str, split: str, data_dir: str = "") -> list[dict]:
   """A TFDS SQuAD-like split (features id, title, context, question, answers{text,
   answer_start}) -> records as `read_file` returns them."""
-  import tensorflow_datasets as tfds
   name = "squad/v1.1" if name == "squad" else name
-  try:
-    ds = tfds.load(name, split=split, data_dir=data_dir or None, download=True)
-  except Exception as e:  # tfds raises many kinds; all mean "cannot get this dataset"
-    raise DataError(f"could not load TFDS dataset {name!r} split {split!r}: {e}. With no network, "
-                    f"point TRAIN_FILE / EVAL_FILE at SQuAD v1.1 JSON files instead.") from None
   out = []
-  for ex in tfds.as_numpy(ds):
+  for ex in sources.tfds_examples(name, split, data_dir,
+                                  "point TRAIN_FILE / EVAL_FILE at SQuAD v1.1 JSON files instead"):
     missing = [k for k in ("id", "context", "question", "answers") if k not in ex]
     if missing:
       raise DataError(f"TFDS {name!r} is not SQuAD-like: no field(s) {missing}; fields: {sorted(ex)}")
@@ -318,11 +311,8 @@ def load_records(cfg: DataConfig, side: str) -> tuple[list[dict], str]:
     if not path:
       raise DataError("extractive QA needs a train file: DataConfig.files = [%TRAIN_FILE] "
                       "(or DataConfig.tfds_name)")
-    if path.startswith(TFDS_PREFIX):                  # 'tfds:NAME:SPLIT', as readers.read_table
-      name, _, split = path[len(TFDS_PREFIX):].rpartition(":")
-      if not name or not split:
-        raise DataError(f"{path!r}: a TFDS source is written tfds:NAME:SPLIT, e.g. tfds:squad:train")
-      records, source = read_tfds(name, split), path
+    if path.startswith(readers.TFDS_PREFIX):          # 'tfds:NAME:SPLIT', as readers.read_table
+      records, source = read_tfds(*readers.parse_tfds_spec(path)), path
     else:
       records, source = read_file(path), path
   elif cfg.tfds_name:
@@ -342,7 +332,7 @@ SHUFFLE_SALT = 0x7161   # this pipeline's stream of per-epoch shuffles (data.lm.
 
 
 @dataclasses.dataclass
-class QAData:
+class QAData(KeyedTable):
   cfg: DataConfig
   tokenizer: object
   train: Features
@@ -392,21 +382,12 @@ class QAData:
     n = len(self.val)
     return self._rows(self.val, keys % n, (keys < n).astype(np.float32))
 
-  def _dataset(self, fn, global_batch, start, stop, host_rows):
+  def row_shapes(self) -> dict:
     s = self.cfg.seq_len
     shapes = {"input_ids": (s,), "input_mask": (s,), "segment_ids": (s,),
               "start_positions": (), "end_positions": (), "weights": ()}
     assert tuple(shapes) == KEYS
-    return keyed_batches(fn, shapes, ("weights",), global_batch, start, stop, host_rows)
-
-  def train_batches(self, global_batch: int, start_step: int = 0, host_rows=None) -> tf.data.Dataset:
-    stop = np.iinfo(np.int64).max // (2 * global_batch)
-    return self._dataset(self.train_rows, global_batch, start_step, stop, host_rows)
-
-  def eval_batches(self, global_batch: int, host_rows=None) -> tf.data.Dataset:
-    """Every eval window (labels from the first gold answer)."""
-    steps = -(-len(self.val) // global_batch)
-    return self._dataset(self.eval_rows, global_batch, 0, steps, host_rows)
+    return shapes
 
 
 def eval_source(cfg: DataConfig, eval_file: str = "") -> tuple[list[dict], str]:

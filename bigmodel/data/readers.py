@@ -23,7 +23,7 @@ import json
 import os
 from typing import Sequence
 
-from bigmodel.data.sources import DataError
+from bigmodel.data.sources import DataError, tfds_examples
 
 FORMATS = ("tsv", "csv", "jsonl")
 
@@ -90,15 +90,10 @@ def tfds_rows(spec: str, data_dir: str | None = None) -> list[dict]:
   """Every example of a TFDS split as a dict (bytes decoded to str, arrays to lists).
 
   ClassLabel features stay integer ids, as in the datasets' own files (GLUE TSVs)."""
-  import tensorflow_datasets as tfds
   name, split = parse_tfds_spec(spec)
-  try:
-    ds = tfds.load(name, split=split, data_dir=data_dir or None, download=True)
-  except Exception as e:  # tfds raises many kinds; all mean "cannot get this dataset"
-    raise DataError(f"could not load TFDS dataset {name!r} split {split!r}: {e}. With no "
-                    f"network, point the recipe at local files under the data directory "
-                    f"instead.") from None
-  rows = [{k: _tfds_value(v) for k, v in ex.items()} for ex in tfds.as_numpy(ds)]
+  examples = tfds_examples(name, split, data_dir,
+                           "point the recipe at local files under the data directory instead")
+  rows = [{k: _tfds_value(v) for k, v in ex.items()} for ex in examples]
   if not rows:
     raise DataError(f"{spec}: the TFDS split is empty")
   return rows

@@ -88,16 +88,23 @@ def read_documents(paths: Sequence[str], mode: str) -> list[str]:
   return docs
 
 
-def tfds_documents(name: str, split: str, text_key: str, data_dir: str | None = None) -> list[str]:
-  """Every example's `text_key` field of a TFDS split, as one document each."""
+def tfds_examples(name: str, split: str, data_dir: str | None = None,
+                  instead: str = "put the files under the data directory instead"):
+  """The numpy examples of a TFDS split; a DataError (ending "With no network, {instead}.")
+  when the dataset cannot be had."""
   import tensorflow_datasets as tfds
   try:
     ds = tfds.load(name, split=split, data_dir=data_dir or None, download=True)
   except Exception as e:  # tfds raises many kinds; all mean "cannot get this dataset"
     raise DataError(f"could not load TFDS dataset {name!r} split {split!r}: {e}. With no "
-                    f"network, put the files under the data directory instead.") from None
+                    f"network, {instead}.") from None
+  return tfds.as_numpy(ds)
+
+
+def tfds_documents(name: str, split: str, text_key: str, data_dir: str | None = None) -> list[str]:
+  """Every example's `text_key` field of a TFDS split, as one document each."""
   docs = []
-  for example in tfds.as_numpy(ds):
+  for example in tfds_examples(name, split, data_dir):
     if text_key not in example:
       raise DataError(f"TFDS {name!r} has no field {text_key!r}; fields: {sorted(example)}")
     docs.append(example[text_key].decode("utf-8"))
