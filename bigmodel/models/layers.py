@@ -159,6 +159,32 @@ class Mlp(nn.Module):
     return constrain(y, BSD, self.mesh)
 
 
+@jax.custom_vjp
+def materialize_cotangent(x):
+  """Identity whose backward pass keeps the incoming gradient in one buffer.
+
+  The gradient of the residual stream is a running sum over the layers above. Left alone,
+  XLA:CPU fuses that chain of adds into every consumer in the backward pass (the transposes
+  feeding the weight-gradient matmuls), so the layer at depth i re-adds the contributions of
+  all the layers above it: quadratic work, 15% of a GPT-2-small step. Writing the gradient's
+  first element back into it in place (a dynamic-update-slice, which needs its operand in a
+  buffer) stops the chain at each block; `lax.optimization_barrier` does not, since XLA:CPU
+  removes it before fusion. The value is unchanged."""
+  return x
+
+
+def _materialize_fwd(x):
+  return x, None
+
+
+def _materialize_bwd(_, g):
+  origin = (0,) * g.ndim
+  return (jax.lax.dynamic_update_slice(g, jax.lax.slice(g, origin, (1,) * g.ndim), origin),)
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+
 class Block(nn.Module):
   """One Transformer layer: attention then MLP, pre-norm (GPT-2) or post-norm (BERT).
 
@@ -171,6 +197,7 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask, positions):
     cfg = self.cfg
+    x = materialize_cotangent(x)
     drop = lambda y: (nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
                       if cfg.dropout > 0 else y)
     attn = Attention(cfg, self.mesh, self.deterministic, name="attn")

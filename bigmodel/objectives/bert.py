@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from bigmodel.data import bert as bert_data
+from bigmodel.objectives.lm import softmax_xent
 
 
 def model_args(batch):
@@ -67,10 +68,10 @@ def mlm_nsp_loss(model, params, batch, *, deterministic=True, rngs=None):
   logits = out["mlm_logits"].astype(jnp.float32)                      # [b, p, v]
   ids = batch["masked_lm_ids"]
   w = batch["masked_lm_weights"].astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, ids)
+  ce, hits = softmax_xent(logits, ids)
   mlm_sum = jnp.sum(ce * w)
   weight = jnp.sum(w)
-  mlm_correct = jnp.sum((jnp.argmax(logits, -1) == ids).astype(jnp.float32) * w)
+  mlm_correct = jnp.sum(hits * w)
 
   nsp_logits = out["nsp_logits"].astype(jnp.float32)                  # [b, 2]
   labels = batch["next_sentence_labels"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
-import optax
 
 from bigmodel.data.lm import LMData
 
@@ -22,12 +22,25 @@ def build_data(cfg, tokenizer=None) -> LMData:
   return LMData.build(cfg, tokenizer)
 
 
+def softmax_xent(logits, labels):
+  """Per-position cross entropy and whether the label's logit is the largest, in one pass.
+
+  The same loss as `optax.softmax_cross_entropy_with_integer_labels`. The hit reuses the max
+  that the log-sum-exp needs (the label's shifted logit is 0 exactly when it is the max), where
+  a separate argmax over a 50K vocabulary costs another full read of the logits (3% of a
+  GPT-2-small step on CPU). A tie for the max counts as a hit."""
+  logits = logits.astype(jnp.float32)
+  shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  label = jnp.take_along_axis(shifted, labels[..., None], axis=-1)[..., 0]
+  losses = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1)) - label
+  return losses, (label >= 0).astype(jnp.float32)
+
+
 def cross_entropy(logits, targets, weights):
   """Returns (sum of weighted token losses, sum of weights, number correct)."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  losses, hits = softmax_xent(logits, targets)
   weights = weights.astype(jnp.float32)
-  correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32) * weights
-  return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(correct)
+  return jnp.sum(losses * weights), jnp.sum(weights), jnp.sum(hits * weights)
 
 
 def causal_lm_loss(model, params, batch, *, deterministic=True, rngs=None):
