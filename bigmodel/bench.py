@@ -590,11 +590,23 @@ def _parser() -> argparse.ArgumentParser:
                  help="datasheet peak FLOP/s per device (default: measure a matmul)")
   p.add_argument("--profile_steps", type=parse_steps, default=None,
                  help="A:B: after timing, run B more steps tracing [A, B) with jax.profiler")
-  p.add_argument("--out", default="out/bench/results.json")
+  p.add_argument("--out", default="out/bench/results.json",
+                 help="a .json file (the markdown table goes beside it as .md), or a directory "
+                      "for results.json and results.md")
   return p
 
 
+def out_paths(out: str) -> tuple[str, str]:
+  """--out -> (json path, markdown path): a `.json` path as given, anything else a directory."""
+  if out.endswith(".json") and not os.path.isdir(out):
+    return out, out[:-len(".json")] + ".md"
+  return os.path.join(out, "results.json"), os.path.join(out, "results.md")
+
+
 def main(argv: list[str] | None = None) -> int:
+  from bigmodel import hostmem
+  malloc = "kept freed (bigmodel.hostmem)" if hostmem.keep_freed_memory() else "system default"
+  # ^ both frameworks of a point run in this process, under the same allocator settings
   argv = list(sys.argv[1:] if argv is None else argv)
   bindings = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
   bindings = [b.replace("=", " = ", 1) if " = " not in b else b for b in bindings]
@@ -603,6 +615,14 @@ def main(argv: list[str] | None = None) -> int:
   for name in args.preset or ([] if bases else list(DEFAULT_PRESETS)):
     files, b = PRESETS[name]
     bases.append((name, files, b))
+  json_path, md_path = out_paths(args.out)
+  try:   # before the runs, so that a bad --out loses no results
+    os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+    if os.path.isdir(json_path):
+      raise IsADirectoryError(f"{json_path} is a directory")
+  except OSError as e:
+    print(f"bigmodel bench: error: --out {args.out!r}: {e}", file=sys.stderr)
+    return 2
   points = expand_grid(bases, args.size, args.mesh, _split_ints(args.batch), _split_ints(args.seq),
                        args.vary)
   need = max([args.devices] + [mesh_devices(p.mesh) for p in points])
@@ -621,14 +641,15 @@ def main(argv: list[str] | None = None) -> int:
   from bigmodel.config import ConfigError
   peak, peak_how = flops.machine_peak(args.peak_flops or None)
   print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_how}); {jax.device_count()} "
-        f"{jax.devices()[0].platform} devices; {len(points)} points", flush=True)
+        f"{jax.devices()[0].platform} devices; {len(points)} points; host malloc: {malloc}",
+        flush=True)
   records = []
   for point in points:
     try:
       recs = bench_point(point, peak=peak, warmup=args.warmup, steps=args.steps,
                          rounds=args.rounds, baseline=args.baseline,
                          pipeline=not args.no_input_pipeline, profile_steps=args.profile_steps,
-                         profile_dir=os.path.join(os.path.dirname(args.out) or ".", "profile"),
+                         profile_dir=os.path.join(os.path.dirname(json_path) or ".", "profile"),
                          extra_bindings=bindings)
     except ConfigError as e:
       print(f"bigmodel bench: error: {point.name}: {e}", file=sys.stderr, flush=True)
@@ -646,18 +667,16 @@ def main(argv: list[str] | None = None) -> int:
   table = format_table(records, peak, peak_how)
   out = {"peak_flops": peak, "peak_source": peak_how, "platform": jax.devices()[0].platform,
          "device_kind": jax.devices()[0].device_kind, "host": platform.node(),
-         "cpu_count": os.cpu_count(), "jax": jax.__version__,
+         "cpu_count": os.cpu_count(), "jax": jax.__version__, "host_malloc": malloc,
          "settings": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
          "records": records}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(out, f, indent=1, default=_json_default)
-  md = os.path.splitext(args.out)[0] + ".md"
-  with open(md, "w") as f:
-    f.write(table + "\n")
   print()
-  print(table)
-  print(f"\nwrote {args.out} and {md}")
+  print(table, flush=True)
+  with open(json_path, "w") as f:
+    json.dump(out, f, indent=1, default=_json_default)
+  with open(md_path, "w") as f:
+    f.write(table + "\n")
+  print(f"\nwrote {json_path} and {md_path}")
   return 0
 
 

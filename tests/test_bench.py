@@ -172,6 +172,19 @@ def test_bench_bad_point_is_a_usage_error(tmp_path, tiny_recipe, capsys):
   assert rc == 2 and "not divisible by the data-parallel size 3" in capsys.readouterr().err
 
 
+def test_out_paths_and_an_unwritable_out_fail_before_running(tmp_path, tiny_recipe, capsys):
+  assert bench.out_paths("a/r.json") == ("a/r.json", "a/r.md")
+  assert bench.out_paths("a/run1") == ("a/run1/results.json", "a/run1/results.md")
+  (tmp_path / "d.json").mkdir()
+  assert bench.out_paths(str(tmp_path / "d.json"))[0] == str(tmp_path / "d.json" / "results.json")
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  rc = bench.main(["--recipe", str(tiny_recipe), "--baseline", "off", "--peak_flops", "1e11",
+                   "--out", str(blocker / "sub")])
+  err = capsys.readouterr().err
+  assert rc == 2 and "--out" in err and "points" not in capsys.readouterr().out
+
+
 def test_flops_count_the_vocab_projection_only_where_an_objective_applies_it():
   base = ["ModelConfig.vocab_size = 1000", "ModelConfig.d_model = 32", "ModelConfig.num_layers = 2",
           "ModelConfig.num_heads = 4", "ModelConfig.max_len = 128", "DataConfig.seq_len = 128",
