@@ -58,7 +58,7 @@ LM_RUN = "experiments/runs/pretrain_lm.gin"
 # name -> (gin files, bindings). Bindings override the files; the grid flags override both.
 # The CPU points unroll the layers: XLA:CPU runs a scanned stack as a while loop whose body
 # slices the stacked params and stacks the residuals for the backward pass, which measured
-# 1.2x (nanoGPT shape) to 1.6x (GPT-2 small) slower per step here than the unrolled layers
+# 1.16x (GPT-2 small) to 1.28x (nanoGPT shape) slower per step here than the unrolled layers
 # (`--vary "ModelConfig.scan_layers=[True,False]"` shows both).
 PRESETS: dict[str, tuple[list[str], list[str]]] = {
     # nanoGPT's CPU Shakespeare configuration (the demo): 4L/4H/128d, seq 64, batch 12, vocab 65.
