@@ -1,9 +1,11 @@
-"""Command line: `bigmodel {train,finetune,eval,evaluate,predict,sample,compile,tokenizer,convert,bench} ...`
+"""Command line: `bigmodel {train,finetune,eval,evaluate,predict,sample,chat,serve,compile,tokenizer,convert,bench} ...`
 (also `python -m bigmodel`).
 
     bigmodel train --gin_file=experiments/gpt_shakespeare_char.gin [--gin.NAME=VALUE ...] --workdir=DIR
     bigmodel eval --workdir=DIR
-    bigmodel sample --workdir=DIR --prompt "ROMEO:" --num_tokens 200 --temperature 0.8 --top_k 40
+    bigmodel sample --workdir=DIR --prompt "ROMEO:" --num_tokens 200 --temperature 0.8 --top_k 40 [--top_p 0.95]
+    bigmodel chat --workdir=DIR [--system TEXT] [--template 'User: {prompt}\nAssistant:']   (stdin: one turn a line)
+    bigmodel serve --workdir=DIR --port 8000 [--host 127.0.0.1]   (POST /generate, GET /health)
     bigmodel compile --gin_file=... --mesh data=2,fsdp=2,tensor=2
     bigmodel tokenizer train --input FILES --vocab_size N --model_type {unigram,bpe,char} --out PREFIX
     bigmodel finetune --gin_file=experiments/finetune/sst2_minilm.gin --workdir=DIR
@@ -61,7 +63,24 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--num_tokens", type=int, default=200)
   s.add_argument("--temperature", type=float, default=0.8)
   s.add_argument("--top_k", type=int, default=0)
+  s.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (1: off)")
   s.add_argument("--seed", type=int, default=0)
+  ch = sub.add_parser("chat", help="talk to a run's decoder: one user turn a line of stdin "
+                      "(/reset, /quit); the history stays in the prompt")
+  gin_args(ch)
+  ch.add_argument("--system", default="", help="text put before the conversation")
+  ch.add_argument("--template", default="", help="a user turn, with {prompt} (default: the run's "
+                  "DataConfig.prompt_template for a prompted-LM run, else 'User: {prompt}\nAssistant:')")
+  ch.add_argument("--max_new_tokens", type=int, default=128)
+  ch.add_argument("--temperature", type=float, default=0.7)
+  ch.add_argument("--top_k", type=int, default=0)
+  ch.add_argument("--top_p", type=float, default=0.95)
+  ch.add_argument("--seed", type=int, default=0)
+  sv = sub.add_parser("serve", help="serve a run's decoder over HTTP: POST /generate, GET /health")
+  gin_args(sv)
+  sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+  sv.add_argument("--host", default="127.0.0.1")
+  sv.add_argument("--max_batch", type=int, default=8, help="the most prompts in one request")
   c = sub.add_parser("compile", help="ahead-of-time compile the train step for a mesh")
   gin_args(c, workdir_required=False)
   c.add_argument("--mesh", default="", help="e.g. data=2,fsdp=2,tensor=2 (default: the config's)")
@@ -175,15 +194,61 @@ def cmd_eval(args, bindings):
   print(json.dumps(result, indent=1))
 
 
-def cmd_sample(args, bindings):
-  from bigmodel.infer import sample
+def _restore_decoder(args, bindings):
+  """(experiment, components, params, tokenizer, step) of a run whose model generates text."""
+  from bigmodel.config import ConfigError
   from bigmodel.train import loop
   exp = _load_config(args, bindings)
-  comp, params, tokenizer, _ = loop.restore_for_inference(args.workdir, exp)
+  comp, params, tokenizer, step = loop.restore_for_inference(args.workdir, exp)
+  if type(comp.model).__name__ != "Decoder":
+    raise ConfigError(f"{args.workdir} holds a {type(comp.model).__name__} (objective "
+                      f"{exp.train.objective!r}); `bigmodel {args.command}` needs a causal_lm or "
+                      f"prompted_lm run")
+  return exp, comp, params, tokenizer, step
+
+
+def _check_sampling(args):
+  from bigmodel.config import ConfigError
+  from bigmodel.infer import decode
+  try:
+    decode.check_sampling(args.temperature, args.top_k, args.top_p)
+  except ValueError as e:
+    raise ConfigError(f"--{e}") from None
+
+
+def cmd_sample(args, bindings):
+  from bigmodel.infer import sample
+  _check_sampling(args)
+  exp, comp, params, tokenizer, _ = _restore_decoder(args, bindings)
   text = sample.generate(comp.model, params, tokenizer, args.prompt, args.num_tokens,
                          exp.data.seq_len, temperature=args.temperature, top_k=args.top_k,
-                         seed=args.seed)
+                         top_p=args.top_p, seed=args.seed)
   print(text)
+
+
+def cmd_chat(args, bindings):
+  from bigmodel.config import ConfigError
+  from bigmodel.infer import chat, decode
+  _check_sampling(args)
+  exp, comp, params, tokenizer, _ = _restore_decoder(args, bindings)
+  try:
+    template, sft = chat.resolve_template(exp, args.template)
+    eos = getattr(tokenizer, "eos_id", None)
+    sep = [eos] if sft and eos is not None else list(tokenizer.encode("\n"))
+    conv = chat.Conversation(tokenizer, template, comp.model.cfg.max_len, args.max_new_tokens,
+                             sep, args.system)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  gen = decode.Generator(comp.model, params, bucket=64)
+  chat.run(gen, tokenizer, conv, temperature=args.temperature, top_k=args.top_k,
+           top_p=args.top_p, seed=args.seed)
+
+
+def cmd_serve(args, bindings):
+  from bigmodel.infer import serve
+  _, comp, params, tokenizer, step = _restore_decoder(args, bindings)
+  service = serve.Service(comp.model, params, tokenizer, step=step, max_batch=args.max_batch)
+  serve.serve(service, args.host, args.port)
 
 
 def cmd_compile(args, bindings):
@@ -218,7 +283,8 @@ def cmd_convert(args, bindings):
   print(json.dumps(result, indent=1))
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "compile": cmd_compile,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "chat": cmd_chat,
+            "serve": cmd_serve, "compile": cmd_compile,
             "tokenizer": cmd_tokenizer, "convert": cmd_convert, "finetune": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict}
 

@@ -1,28 +1,61 @@
-"""Batched greedy decoding over the fixed-window forward (no KV cache), stopping at EOS.
+"""Batched greedy decoding with the KV cache (bigmodel.infer.decode), stopping at EOS.
 
     greedy_decode(model, params, prompts, window, eos_id, max_new_tokens, batch_size)
       prompts        token-id lists (each at most window - 1 long; longer ones keep their end)
       -> per prompt the generated ids (without the prompt, cut before the first EOS)
 
-Each row sits at the left of a [window] buffer (padding to its right is never attended by
-the positions before it: attention is causal), exactly as `bigmodel.infer.sample.generate`
-lays out one prompt, so at temperature 0 both give the same tokens while the text fits the
-window. A row stops at EOS, after max_new_tokens, or at the window's end. The forward runs on
-the first w columns only (w: the longest row rounded up to `bucket`, widened as rows grow:
-the columns right of a row never reach it, so this is exact); each width is one jitted
-`lax.while_loop` (a few compiles in all). Prompts are decoded in
-order of length (shorter batches end sooner) and returned in input order; a last partial
-batch is padded (the batch size is kept a multiple of `multiple`, the data-parallel size).
+A row holds at most `window` tokens (prompt + generated) at positions 0.., as
+`bigmodel.infer.sample.generate` lays out one prompt, so at temperature 0 both give the same
+tokens while the text fits the window. A row stops at EOS, after max_new_tokens (0: until the
+window is full), or at the window's end. Prompts are decoded in order of length (a batch's
+cache is as long as its longest row needs, and shorter batches end sooner) and returned in
+input order; a last partial batch is padded (the batch size is kept a multiple of `multiple`,
+the data-parallel size). Compiles: one per (batch, prompt bucket, cache length).
+
+`greedy_decode_windowed` is the former decoder without a cache (a full forward over the first
+w columns each step, w widened in steps of `bucket` as rows grow), kept as the reference that
+tests and `bench_decode` hold the cache against; it returns the same tokens.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigmodel.infer import decode
 
-def _decoder(model, eos_id: int):
+
+def greedy_decode(model, params, prompts, window: int, eos_id: int | None, max_new_tokens: int = 0,
+                  batch_size: int = 8, multiple: int = 1, pad_id: int = 0,
+                  bucket: int = 16) -> list[list[int]]:
+  """Greedy continuations of `prompts` (lists of ids); see the module docstring."""
+  if not prompts:
+    return []
+  batch_size = min(batch_size, len(prompts))
+  batch_size = max(multiple, -(-batch_size // multiple) * multiple)
+  max_new = window if max_new_tokens <= 0 else max_new_tokens
+  prompts = [list(p)[-(window - 1):] for p in prompts]
+  if any(len(p) == 0 for p in prompts):
+    raise ValueError("greedy_decode: an empty prompt (give at least one token)")
+  gen = decode.Generator(model, params, bucket=bucket, pad_id=pad_id)
+  order = np.argsort([len(p) for p in prompts], kind="stable")
+  out: list[list[int]] = [[] for _ in prompts]
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    rows = [prompts[i] for i in idx]
+    limits = [min(window, len(p) + max_new) - len(p) for p in rows]
+    res = gen(rows, limits, temperature=0.0, eos_id=eos_id, max_len=window,
+              batch_multiple=batch_size)
+    for i, r in zip(idx, res):
+      out[i] = r.tokens
+  return out
+
+
+@functools.lru_cache(maxsize=16)
+def _windowed_decoder(model, eos_id: int):
   """(params, buf [b, w], lengths, limits, done) -> (buf, lengths, done) after decoding until
   every row is done or has filled the w columns of `buf`."""
   @jax.jit
@@ -49,20 +82,18 @@ def _decoder(model, eos_id: int):
   return run
 
 
-def greedy_decode(model, params, prompts, window: int, eos_id: int | None, max_new_tokens: int = 0,
-                  batch_size: int = 8, multiple: int = 1, pad_id: int = 0,
-                  bucket: int = 16) -> list[list[int]]:
-  """Greedy continuations of `prompts` (lists of ids); see the module docstring."""
+def greedy_decode_windowed(model, params, prompts, window: int, eos_id: int | None,
+                           max_new_tokens: int = 0, batch_size: int = 8, multiple: int = 1,
+                           pad_id: int = 0, bucket: int = 16, warm_only: bool = False):
+  """`greedy_decode` without a cache (the reference). warm_only: compile every width and stop."""
   if not prompts:
     return []
   batch_size = min(batch_size, len(prompts))
   batch_size = max(multiple, -(-batch_size // multiple) * multiple)
   max_new = window if max_new_tokens <= 0 else max_new_tokens
   eos = -1 if eos_id is None else int(eos_id)
-  run = _decoder(model, eos)
+  run = _windowed_decoder(model, eos)
   prompts = [list(p)[-(window - 1):] for p in prompts]
-  if any(len(p) == 0 for p in prompts):
-    raise ValueError("greedy_decode: an empty prompt (give at least one token)")
   order = np.argsort([len(p) for p in prompts], kind="stable")
   out: list[list[int]] = [[] for _ in prompts]
   for start in range(0, len(order), batch_size):
@@ -76,6 +107,12 @@ def greedy_decode(model, params, prompts, window: int, eos_id: int | None, max_n
       lengths[r] = len(p)
       limits[r] = min(window, len(p) + max_new)
     done = lengths >= limits
+    if warm_only:
+      for width in sorted({min(window, -(-(n + 1) // bucket) * bucket)
+                           for n in range(int(lengths.min()), int(limits.max()))}):
+        jax.block_until_ready(run(params, jnp.asarray(buf[:, :width]), jnp.asarray(lengths),
+                                  jnp.asarray(limits), jnp.ones_like(jnp.asarray(done))))
+      continue
     while not done.all():   # widen the window in steps of `bucket` columns as rows grow
       width = min(window, -(-(int(lengths[~done].max()) + 1) // bucket) * bucket)
       part, lengths, done = jax.device_get(run(params, jnp.asarray(buf[:, :width]),
@@ -83,9 +120,8 @@ def greedy_decode(model, params, prompts, window: int, eos_id: int | None, max_n
                                                jnp.asarray(done)))
       buf[:, :width] = part
       lengths, done = np.array(lengths), np.array(done) | (lengths >= window)
-    res, ends = buf, lengths
     for r, i in enumerate(idx):
-      gen = [int(t) for t in res[r, len(prompts[i]):ends[r]]]
+      gen = [int(t) for t in buf[r, len(prompts[i]):lengths[r]]]
       if eos in gen:
         gen = gen[:gen.index(eos)]
       out[i] = gen

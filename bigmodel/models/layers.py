@@ -7,6 +7,14 @@ Einsum letters, used in every module of this package:
 Each parameter declares its shape, initializer and logical axes once, through
 `nn.with_logical_partitioning`; shardings and checkpoints derive from that.
 Parameter names are short and stable: checkpoints are keyed on them.
+
+Decoding (`decode=True`, the Flax lm1b/wmt pattern): each Attention keeps its keys and values
+in the "cache" collection, `cached_key` / `cached_value` [b, t, h, k] in the compute dtype
+(stacked on a leading `layers` axis when the layers are scanned), made zero by the first (init)
+call at that call's length t. Later calls write their s new keys/values at the cache slots
+`positions[:, 0] ..` of each row (the decoder passes its cache index there) and attend to every
+slot at or before the query's own; slots past a row's index hold stale or padding entries that
+this causal rule never reaches. No parameter changes.
 """
 
 from __future__ import annotations
@@ -88,11 +96,22 @@ def attention_mask(segment_q: jax.Array, segment_k: jax.Array, causal: bool) -> 
   return mask[:, None, :, :]
 
 
+def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
+  """cache [b, t, h, k] with new [b, s, h, k] written at slots start[b] .. start[b] + s - 1.
+
+  One scatter, in place. Slots past the end are dropped (a finished row standing at index t)."""
+  b, s = new.shape[:2]
+  slots = start[:, None] + jnp.arange(s, dtype=start.dtype)[None, :]          # b s
+  return cache.at[jnp.arange(b)[:, None], slots].set(new.astype(cache.dtype), mode="drop",
+                                                     unique_indices=True)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused q/k/v projection."""
+  """Multi-head self-attention with a fused q/k/v projection; a KV cache when `decode`."""
   cfg: ModelConfig
   mesh: Mesh | None = None
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, mask, positions):
@@ -101,15 +120,23 @@ class Attention(nn.Module):
     d, h, k = cfg.d_model, cfg.num_heads, cfg.dim_per_head
     w_qkv = self.param("qkv", param_with_axes(normal(cfg.init_std), ("embed", "qkv", "heads", "kv")),
                        (d, 3, h, k), pdt)
-    qkv = jnp.einsum("bsd,dnhk->nbshk", x, w_qkv.astype(dt))
+    if self.decode:   # [b, s, n, h, k]: XLA:CPU transposed the weight for n-first, every step
+      qkv = jnp.einsum("bsd,dnhk->bsnhk", x, w_qkv.astype(dt))
+    else:
+      qkv = jnp.einsum("bsd,dnhk->nbshk", x, w_qkv.astype(dt))
     if cfg.use_bias:
       b_qkv = self.param("qkv_bias", param_with_axes(nn.initializers.zeros, ("qkv", "heads", "kv")),
                          (3, h, k), pdt)
-      qkv = qkv + b_qkv.astype(dt)[:, None, None]
-    q, key, value = qkv[0], qkv[1], qkv[2]
+      qkv = qkv + (b_qkv.astype(dt) if self.decode else b_qkv.astype(dt)[:, None, None])
+    if self.decode:
+      q, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      q, key, value = qkv[0], qkv[1], qkv[2]
     q, key, value = (constrain(a, BSHK, self.mesh) for a in (q, key, value))
     if cfg.positions == "rope":
       q, key = rotary(q, positions), rotary(key, positions)
+    if self.decode:
+      key, value, mask = self._cached(key, value, mask, positions)
     q = q * (k ** -0.5)
     scores = jnp.einsum("bshk,bthk->bhst", q, key).astype(jnp.float32)
     scores = jnp.where(mask, scores, NEG_INF)
@@ -126,6 +153,25 @@ class Attention(nn.Module):
       y = y + self.param("out_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (d,),
                          pdt).astype(dt)
     return constrain(y, BSD, self.mesh)
+
+  def _cached(self, key, value, mask, positions):
+    """(keys, values, mask) over the whole cache after writing this call's keys and values.
+
+    The init call only makes the (zero) cache, at the length of its input, and attends as
+    usual. RoPE is already applied: the cache holds rotated keys."""
+    ready = self.has_variable("cache", "cached_key")
+    zeros = param_with_axes(jnp.zeros, BSHK)
+    dt = dtype_of(self.cfg.dtype)
+    cached_key = self.variable("cache", "cached_key", zeros, key.shape, dt)
+    cached_value = self.variable("cache", "cached_value", zeros, value.shape, dt)
+    if not ready:
+      return key, value, mask
+    start = positions[:, 0]
+    cached_key.value = constrain(write_rows(cached_key.value, key, start), BSHK, self.mesh)
+    cached_value.value = constrain(write_rows(cached_value.value, value, start), BSHK, self.mesh)
+    slots = jnp.arange(cached_key.value.shape[1])
+    mask = slots[None, None, None, :] <= positions[:, None, :, None]            # b 1 s t
+    return cached_key.value, cached_value.value, mask
 
 
 class Mlp(nn.Module):
@@ -193,6 +239,7 @@ class Block(nn.Module):
   cfg: ModelConfig
   mesh: Mesh | None = None
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, mask, positions):
@@ -200,7 +247,7 @@ class Block(nn.Module):
     x = materialize_cotangent(x)
     drop = lambda y: (nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
                       if cfg.dropout > 0 else y)
-    attn = Attention(cfg, self.mesh, self.deterministic, name="attn")
+    attn = Attention(cfg, self.mesh, self.deterministic, self.decode, name="attn")
     mlp = Mlp(cfg, self.mesh, name="mlp")
     if cfg.pre_norm:
       x = x + drop(attn(Norm(cfg, name="ln1")(x), mask, positions))
@@ -218,25 +265,32 @@ REMAT_POLICIES = {
 
 
 class BlockStack(nn.Module):
-  """`num_layers` Blocks, scanned (one compiled body, params stacked on `layers`) or unrolled."""
+  """`num_layers` Blocks, scanned (one compiled body, params stacked on `layers`) or unrolled.
+
+  When decoding, the scan stacks each layer's cache on a leading `layers` axis, as it does
+  the params (bigmodel.infer.decode unrolls the layers for speed; this path stays exact). Remat
+  is left out (it only trades memory in a backward pass)."""
   cfg: ModelConfig
   mesh: Mesh | None = None
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x, mask, positions):
     cfg = self.cfg
     block_cls = Block
-    if cfg.remat != "none":
+    if cfg.remat != "none" and not self.decode:
       block_cls = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    args = (cfg, self.mesh, self.deterministic, self.decode)
     if cfg.scan_layers:
-      stack = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+      stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(cfg, self.mesh, self.deterministic, name="layers")(x, mask, positions)
+      x, _ = stack(*args, name="layers")(x, mask, positions)
     else:
       for i in range(cfg.num_layers):
-        x, _ = block_cls(cfg, self.mesh, self.deterministic, name=f"layer_{i}")(x, mask, positions)
+        x, _ = block_cls(*args, name=f"layer_{i}")(x, mask, positions)
     return x
 
 
