@@ -305,6 +305,8 @@ def _fake_devices_for_compile(argv: list[str], args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from bigmodel import hostmem
+  hostmem.keep_freed_memory()    # before jax and tf.data allocate (BIGMODEL_MALLOC=system: off)
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, bindings = _split_gin_bindings(argv)
   if rest[:1] == ["bench"]:   # its own flags; it asks for fake devices before jax loads
