@@ -62,3 +62,13 @@ def train_losses(workdir) -> dict[int, float]:
       if "split" not in rec:
         losses[rec["step"]] = rec["loss"]
   return losses
+
+
+def run_main(capsys, *args) -> str:
+  """`bigmodel ARGS` in this process (cli.main): its stdout, after asserting exit status 0."""
+  from bigmodel import cli
+  capsys.readouterr()
+  rc = cli.main(list(args))
+  out = capsys.readouterr()
+  assert rc == 0, f"bigmodel {args} exited {rc}:\n{out.out}\n{out.err}"
+  return out.out

@@ -16,17 +16,10 @@ from bigmodel.data import finetune as ft
 from bigmodel.data import hf_tokenizers
 from bigmodel.models.heads import EncoderClassifier
 from tests import interop_helpers as H
+from tests.helpers import run_main as _run
 
 FILLER = "the a is was sat on mat quick brown over lazy".split()
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "experiments", "finetune", "sst2_fast.gin")
-
-
-def _run(capsys, *args) -> str:
-  capsys.readouterr()
-  rc = cli.main(list(args))
-  out = capsys.readouterr()
-  assert rc == 0, f"bigmodel {args} exited {rc}:\n{out.out}\n{out.err}"
-  return out.out
 
 
 def _sentiment(path, n, seed):

@@ -22,19 +22,12 @@ from bigmodel.evaluation import metrics
 from bigmodel.models.tagger import EncoderTagger
 from bigmodel.objectives import token_classification as tc
 from tests import interop_helpers as H
+from tests.helpers import run_main as _run
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "experiments", "finetune", "conll2003_fast.gin")
 FILLER = "the a is was sat on quick brown over lazy and".split()
 # entity mentions (words of the tiny WordPiece vocabulary; 'running' is 'run ##ing')
 ENTITIES = {"PER": [["fox"], ["customer", "agent"]], "LOC": [["mat"], ["running", "world"]]}
-
-
-def _run(capsys, *args) -> str:
-  capsys.readouterr()
-  rc = cli.main(list(args))
-  out = capsys.readouterr()
-  assert rc == 0, f"bigmodel {args} exited {rc}:\n{out.out}\n{out.err}"
-  return out.out
 
 
 def _sentences(n, seed, max_filler=5):

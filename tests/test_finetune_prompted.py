@@ -21,6 +21,7 @@ from bigmodel.data.sources import DataError
 from bigmodel.infer import greedy, sample
 from bigmodel.models.decoder import Decoder
 from bigmodel.objectives import prompted_lm
+from tests.helpers import run_main as _run
 
 HERE = os.path.dirname(__file__)
 SFT_FAST = os.path.join(HERE, "..", "experiments", "finetune", "bitext_sft_fast.gin")
@@ -30,14 +31,6 @@ EN = "man woman dog cat red big small runs sits eats the a".split()
 DE = "mann frau hund katze rot gross klein rennt sitzt isst der ein".split()
 INTENTS = {"cancel": "Press Cancel.", "refund": "Refund in 5 days.\nBye.", "address": "Edit Profile."}
 VERBS = ["how do I", "I want to", "help me", "can you", "please"]
-
-
-def _run(capsys, *args) -> str:
-  capsys.readouterr()
-  rc = cli.main(list(args))
-  out = capsys.readouterr()
-  assert rc == 0, f"bigmodel {args} exited {rc}:\n{out.out}\n{out.err}"
-  return out.out
 
 
 def _fail(capsys, *args) -> str:

@@ -22,6 +22,7 @@ from bigmodel.data.sources import DataError
 from bigmodel.evaluation import qa as qa_eval
 from bigmodel.models.qa import EncoderSpanExtractor
 from tests import interop_helpers as H
+from tests.helpers import run_main as _run
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "experiments", "finetune", "xquad_fast.gin")
 FILLER = "the a is was sat on and or not to of in it this that hello world".split()
@@ -348,14 +349,6 @@ def test_tfds_squad_and_xquad_with_mock_data(tmp_path, tok):
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-def _run(capsys, *args) -> str:
-  capsys.readouterr()
-  rc = cli.main(list(args))
-  out = capsys.readouterr()
-  assert rc == 0, f"bigmodel {args} exited {rc}:\n{out.out}\n{out.err}"
-  return out.out
 
 
 @pytest.fixture(scope="module")

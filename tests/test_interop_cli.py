@@ -13,14 +13,7 @@ import transformers
 import bigmodel
 from bigmodel import cli
 from tests import interop_helpers as H
-
-
-def _run(capsys, *args) -> str:
-  capsys.readouterr()
-  rc = cli.main(list(args))
-  out = capsys.readouterr()
-  assert rc == 0, f"bigmodel {args} exited {rc}:\n{out.out}\n{out.err}"
-  return out.out
+from tests.helpers import run_main as _run
 
 
 def _corpus(path, words, docs=40, seed=0):

@@ -34,7 +34,7 @@ import numpy as np
 
 from bigmodel.config import DataConfig
 from bigmodel.data import readers, tokenizers
-from bigmodel.data.lm import KeyedTable, epoch_rows
+from bigmodel.data.lm import KeyedTable
 from bigmodel.data.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ SHUFFLE_SALT = 0x636c73   # this pipeline's stream of per-epoch shuffles (data.l
 
 @dataclasses.dataclass
 class ClassificationData(KeyedTable):
+  shuffle_salt = SHUFFLE_SALT   # a class attribute, not a field
   cfg: DataConfig
   tokenizer: object
   labels: readers.LabelSet
@@ -165,19 +166,10 @@ class ClassificationData(KeyedTable):
 
   # --- batches, a pure function of (seed, step)
 
-  def _rows(self, table: Table, idx: np.ndarray, weights: np.ndarray) -> dict:
+  def _rows(self, table: Table, idx: np.ndarray, real: np.ndarray) -> dict:
     return {"input_ids": table.input_ids[idx], "input_mask": table.input_mask[idx],
             "segment_ids": table.segment_ids[idx], "labels": np.maximum(table.labels[idx], 0),
-            "weights": weights.astype(np.float32)}
-
-  def train_rows(self, keys: np.ndarray) -> dict:
-    n = len(self.train)
-    idx = epoch_rows(keys, n, self.cfg.seed, SHUFFLE_SALT)
-    return self._rows(self.train, idx, np.ones(len(keys)))
-
-  def eval_rows(self, keys: np.ndarray) -> dict:
-    n = len(self.val)
-    return self._rows(self.val, keys % n, (keys < n).astype(np.float32))
+            "weights": real.astype(np.float32)}
 
   def row_shapes(self) -> dict:
     s = self.cfg.seq_len

@@ -219,12 +219,26 @@ def keyed_batches(rows_fn, shapes: dict, float_keys, global_batch: int, start: i
 
 class KeyedTable:
   """train_batches / eval_batches for a pipeline whose rows are pure functions of global
-  example keys: it provides `train_rows(keys)`, `eval_rows(keys)` (weight 0 past the end),
-  `val` (sized) and `row_shapes()` (key -> per-row shape; `weights` is the float key).
+  example keys. A subclass has `cfg`, sized `train` and `val` tables, a `shuffle_salt` (its own
+  stream of per-epoch shuffles) and gives `_rows(table, idx, real)` (the rows at idx; `real`
+  false for the padding past the end of an eval pass, which must weigh 0) and `row_shapes()`
+  (key -> per-row shape; `weights` is the float key).
   Train batches run on forever from any step; eval batches cover every eval row once."""
+  shuffle_salt: int   # set by each subclass
 
   def row_shapes(self) -> dict:
     raise NotImplementedError
+
+  def _rows(self, table, idx: np.ndarray, real: np.ndarray) -> dict:
+    raise NotImplementedError
+
+  def train_rows(self, keys: np.ndarray) -> dict:
+    idx = epoch_rows(keys, len(self.train), self.cfg.seed, self.shuffle_salt)
+    return self._rows(self.train, idx, np.ones(len(keys), bool))
+
+  def eval_rows(self, keys: np.ndarray) -> dict:
+    n = len(self.val)
+    return self._rows(self.val, keys % n, keys < n)
 
   def train_batches(self, global_batch: int, start_step: int = 0, host_rows=None) -> tf.data.Dataset:
     stop = np.iinfo(np.int64).max // (2 * global_batch)

@@ -42,7 +42,7 @@ import numpy as np
 
 from bigmodel.config import DataConfig
 from bigmodel.data import readers, tokenizers
-from bigmodel.data.lm import KeyedTable, epoch_rows
+from bigmodel.data.lm import KeyedTable
 from bigmodel.data.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -344,6 +344,7 @@ SHUFFLE_SALT = 0x70726f6d   # this pipeline's stream of per-epoch shuffles (data
 
 @dataclasses.dataclass
 class PromptedData(KeyedTable):
+  shuffle_salt = SHUFFLE_SALT   # a class attribute, not a field
   cfg: DataConfig
   tokenizer: object
   train: Rows
@@ -379,15 +380,6 @@ class PromptedData(KeyedTable):
             "positions": rows.positions[idx],
             "segment_ids": rows.segment_ids[idx] * keep[:, None].astype(np.int32),
             "weights": rows.weights[idx] * keep[:, None].astype(np.float32)}
-
-  def train_rows(self, keys: np.ndarray) -> dict:
-    n = len(self.train)
-    idx = epoch_rows(keys, n, self.cfg.seed, SHUFFLE_SALT)
-    return self._rows(self.train, idx, np.ones(len(keys), bool))
-
-  def eval_rows(self, keys: np.ndarray) -> dict:
-    n = len(self.val)
-    return self._rows(self.val, keys % n, keys < n)
 
   def row_shapes(self) -> dict:
     return {k: (self.cfg.seq_len,) for k in KEYS}

@@ -47,7 +47,7 @@ import numpy as np
 
 from bigmodel.config import DataConfig
 from bigmodel.data import readers, sources, tokenizers
-from bigmodel.data.lm import KeyedTable, epoch_rows
+from bigmodel.data.lm import KeyedTable
 from bigmodel.data.sources import DataError
 
 log = logging.getLogger(__name__)
@@ -333,6 +333,7 @@ SHUFFLE_SALT = 0x7161   # this pipeline's stream of per-epoch shuffles (data.lm.
 
 @dataclasses.dataclass
 class QAData(KeyedTable):
+  shuffle_salt = SHUFFLE_SALT   # a class attribute, not a field
   cfg: DataConfig
   tokenizer: object
   train: Features
@@ -368,19 +369,10 @@ class QAData(KeyedTable):
 
   # --- batches, a pure function of (seed, step)
 
-  def _rows(self, f: Features, idx: np.ndarray, weights: np.ndarray) -> dict:
+  def _rows(self, f: Features, idx: np.ndarray, real: np.ndarray) -> dict:
     return {"input_ids": f.input_ids[idx], "input_mask": f.input_mask[idx],
             "segment_ids": f.segment_ids[idx], "start_positions": f.start_positions[idx],
-            "end_positions": f.end_positions[idx], "weights": weights.astype(np.float32)}
-
-  def train_rows(self, keys: np.ndarray) -> dict:
-    n = len(self.train)
-    idx = epoch_rows(keys, n, self.cfg.seed, SHUFFLE_SALT)
-    return self._rows(self.train, idx, np.ones(len(keys)))
-
-  def eval_rows(self, keys: np.ndarray) -> dict:
-    n = len(self.val)
-    return self._rows(self.val, keys % n, (keys < n).astype(np.float32))
+            "end_positions": f.end_positions[idx], "weights": real.astype(np.float32)}
 
   def row_shapes(self) -> dict:
     s = self.cfg.seq_len

@@ -64,7 +64,7 @@ OBJECTIVES = {
                     qa.build_data, NO_VOCAB_OUTPUT),
     "token_classification": Objective("encoder_tagger",
                                       token_classification.token_classification_loss,
-                                      token_classification.summarize,
+                                      classification.summarize,
                                       token_classification.model_args,
                                       token_classification.example_batch,
                                       token_classification.build_data, NO_VOCAB_OUTPUT),

@@ -41,8 +41,13 @@ def classification_loss(model, params, batch, *, deterministic=True, rngs=None):
     raise ValueError(f"a classification batch needs {list(ft_data.KEYS)}; missing {missing}")
   logits = model.apply({"params": params}, *model_args(batch), deterministic=deterministic,
                        rngs=rngs).astype(jnp.float32)                  # [b, c]
-  labels = batch["labels"]
-  w = batch["weights"].astype(jnp.float32)
+  return weighted_xent(logits, batch["labels"], batch["weights"])
+
+
+def weighted_xent(logits, labels, weights):
+  """(sum of weighted cross entropies, {"weight", "correct"} sums) for integer labels over
+  the last axis of logits; shared by sequence and token classification."""
+  w = weights.astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.float32) * w)
   return jnp.sum(ce * w), {"weight": jnp.sum(w), "correct": correct}

@@ -14,9 +14,9 @@ Entity-level F1 needs whole sentences: `bigmodel evaluate` computes it
 from __future__ import annotations
 
 import jax.numpy as jnp
-import optax
 
 from bigmodel.data import ner as ner_data
+from bigmodel.objectives.classification import weighted_xent
 
 
 def model_args(batch):
@@ -39,16 +39,4 @@ def token_classification_loss(model, params, batch, *, deterministic=True, rngs=
     raise ValueError(f"a token-classification batch needs {list(ner_data.KEYS)}; missing {missing}")
   logits = model.apply({"params": params}, *model_args(batch), deterministic=deterministic,
                        rngs=rngs).astype(jnp.float32)                  # [b, s, c]
-  labels = batch["labels"]
-  w = batch["label_weights"].astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.float32) * w)
-  return jnp.sum(ce * w), {"weight": jnp.sum(w), "correct": correct}
-
-
-def summarize(sums: dict) -> dict:
-  weight = max(float(sums["weight"]), 1.0)
-  out = {"accuracy": float(sums["correct"]) / weight}
-  if "loss_sum" in sums:
-    out["loss"] = float(sums["loss_sum"]) / weight
-  return out
+  return weighted_xent(logits, batch["labels"], batch["label_weights"])
