@@ -8,6 +8,7 @@
     bigmodel serve --workdir=DIR --port 8000 [--host 127.0.0.1]   (POST /generate, GET /health)
     bigmodel compile --gin_file=... --mesh data=2,fsdp=2,tensor=2
     bigmodel tokenizer train --input FILES --vocab_size N --model_type {unigram,bpe,char} --out PREFIX
+    bigmodel data prepare --gin_file=... --out DIR_OR_URL [--workers N]   (then DataConfig.prepared_dir)
     bigmodel finetune --gin_file=experiments/finetune/sst2_minilm.gin --workdir=DIR
     bigmodel evaluate --workdir=DIR [--eval_file F] [--out metrics.json]
     bigmodel predict --workdir=DIR --input F --out predictions.jsonl
@@ -94,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
   tt.add_argument("--out", default="tokenizer", help="output prefix (writes PREFIX.model, PREFIX.vocab)")
   tt.add_argument("--special_tokens", nargs="*", default=[],
                   help="reserved symbols, e.g. [CLS] [SEP] [MASK]")
+  dt = sub.add_parser("data", help="data tools")
+  dp = dt.add_subparsers(dest="data_command", required=True).add_parser(
+      "prepare", help="tokenize a recipe's DataConfig.files once into token shards (local or "
+      "gs://...) that training streams with DataConfig.prepared_dir")
+  dp.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  dp.add_argument("--out", required=True, help="the directory or URL to write")
+  dp.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
+  dp.add_argument("--chunk_mb", type=float, default=64.0, help="large files are cut into "
+                  "pieces of about this size, at document boundaries, one per task")
   cv = sub.add_parser("convert", help="import/export Hugging Face checkpoints (BERT, GPT-2)")
   cvsub = cv.add_subparsers(dest="convert_command", required=True)
   cf = cvsub.add_parser("from-hf", help="HF directory -> bigmodel workdir (checkpoint, config.gin, tokenizer)")
@@ -267,6 +277,16 @@ def cmd_tokenizer(args, bindings):
   print(f"wrote {path} ({tok.vocab_size} pieces)")
 
 
+def cmd_data(args, bindings):
+  from bigmodel.data import prepare
+  exp = _load_config(args, bindings)
+  summary = prepare.prepare(exp.data, args.out, workers=args.workers, chunk_mb=args.chunk_mb)
+  print(json.dumps(summary, indent=1))
+  print(f"prepared {summary['tokens']:,} tokens into {summary['train_rows']:,} train and "
+        f"{summary['val_rows']:,} validation rows at {summary['tokens_per_sec']:,.0f} tokens/s; "
+        f"train with --gin.DataConfig.prepared_dir=\"'{args.out}'\"")
+
+
 def cmd_convert(args, bindings):
   from bigmodel.config import ConfigError
   from bigmodel.data.hf_tokenizers import TokenizerFilesError
@@ -285,7 +305,7 @@ def cmd_convert(args, bindings):
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "chat": cmd_chat,
             "serve": cmd_serve, "compile": cmd_compile,
-            "tokenizer": cmd_tokenizer, "convert": cmd_convert, "finetune": cmd_train,
+            "tokenizer": cmd_tokenizer, "convert": cmd_convert, "data": cmd_data, "finetune": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict}
 
 

@@ -82,6 +82,8 @@ class DataConfig:
   val_files: Sequence[str] = ()     # optional: else the last `val_fraction` of the token stream
   tfds_name: str = ""               # TFDS dataset: used when `files` is empty, or as the fallback
   tfds_text_key: str = "text"
+  prepared_dir: str = ""            # a `bigmodel data prepare` output (local or gs://...): stream its
+                                    # token shards (causal LM) instead of reading `files` in memory
   val_fraction: float = 0.1
   documents: str = "file"           # file | blank_line | line | heading: where documents split
   tokenizer: str = "char"           # char | byte | path/to/sentencepiece.model

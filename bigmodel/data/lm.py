@@ -138,6 +138,11 @@ class LMData:
 
   @classmethod
   def build(cls, cfg: DataConfig, tokenizer=None) -> "LMData":
+    """The in-memory pipeline of `files`/TFDS; with DataConfig.prepared_dir set, the streaming
+    one over prepared shards (bigmodel.data.shards), which has the same batch API."""
+    if cfg.prepared_dir:
+      from bigmodel.data import shards   # it builds on this module
+      return shards.PreparedLMData.build(cfg, tokenizer)
     train_docs, val_docs, source = sources.lm_documents(cfg)
     if not any(d.strip() for d in train_docs):
       raise DataError(f"the training data ({source}) is empty: it holds no text")
