@@ -5,7 +5,7 @@
     bigmodel eval --workdir=DIR
     bigmodel sample --workdir=DIR --prompt "ROMEO:" --num_tokens 200 --temperature 0.8 --top_k 40 [--top_p 0.95]
     bigmodel chat --workdir=DIR [--system TEXT] [--template 'User: {prompt}\nAssistant:']   (stdin: one turn a line)
-    bigmodel serve --workdir=DIR --port 8000 [--host 127.0.0.1]   (POST /generate, GET /health)
+    bigmodel serve --workdir=DIR --port 8000 [--host 127.0.0.1] [--slots 8] [--api_key K]   (OpenAI API)
     bigmodel compile --gin_file=... --mesh data=2,fsdp=2,tensor=2
     bigmodel tokenizer train --input FILES --vocab_size N --model_type {unigram,bpe,char} --out PREFIX
     bigmodel data prepare --gin_file=... --out DIR_OR_URL [--workers N]   (then DataConfig.prepared_dir)
@@ -77,11 +77,23 @@ def _parser() -> argparse.ArgumentParser:
   ch.add_argument("--top_k", type=int, default=0)
   ch.add_argument("--top_p", type=float, default=0.95)
   ch.add_argument("--seed", type=int, default=0)
-  sv = sub.add_parser("serve", help="serve a run's decoder over HTTP: POST /generate, GET /health")
+  sv = sub.add_parser("serve", help="serve a run's decoder: an OpenAI-compatible HTTP API "
+                      "(/v1/completions, /v1/chat/completions, streaming) with continuous batching")
   gin_args(sv)
-  sv.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
-  sv.add_argument("--host", default="127.0.0.1")
-  sv.add_argument("--max_batch", type=int, default=8, help="the most prompts in one request")
+  sv.add_argument("--port", type=int, default=8000)
+  sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+  sv.add_argument("--slots", type=int, default=8, help="requests decoded together")
+  sv.add_argument("--max_len", type=int, default=0, help="prompt + reply tokens a request may "
+                  "hold (0: ModelConfig.max_len); the cache holds slots x max_len")
+  sv.add_argument("--max_queue", type=int, default=64, help="requests waiting for a slot "
+                  "before 503")
+  sv.add_argument("--prefix_cache_mb", type=float, default=256.0, help="keys/values of past "
+                  "conversations kept for the next turn (LRU)")
+  sv.add_argument("--template", default="", help="chat template with {prompt} (default: the run's)")
+  sv.add_argument("--model_name", default="", help="the model id in /v1 (default: the workdir's name)")
+  sv.add_argument("--api_key", default="", help="require 'Authorization: Bearer KEY' on every "
+                  "route (default: $BIGMODEL_API_KEY; none: open)")
+  sv.add_argument("--max_batch", type=int, default=8, help="the most prompts in one /generate")
   c = sub.add_parser("compile", help="ahead-of-time compile the train step for a mesh")
   gin_args(c, workdir_required=False)
   c.add_argument("--mesh", default="", help="e.g. data=2,fsdp=2,tensor=2 (default: the config's)")
@@ -205,16 +217,26 @@ def cmd_eval(args, bindings):
 
 
 def _restore_decoder(args, bindings):
-  """(experiment, components, params, tokenizer, step) of a run whose model generates text."""
-  from bigmodel.config import ConfigError
-  from bigmodel.train import loop
+  """(experiment, model, params, tokenizer, step) of a run whose model generates text; without
+  the training input pipelines, so that TensorFlow is never imported (bigmodel.infer.restore)."""
+  from bigmodel.infer import restore
   exp = _load_config(args, bindings)
-  comp, params, tokenizer, step = loop.restore_for_inference(args.workdir, exp)
-  if type(comp.model).__name__ != "Decoder":
-    raise ConfigError(f"{args.workdir} holds a {type(comp.model).__name__} (objective "
-                      f"{exp.train.objective!r}); `bigmodel {args.command}` needs a causal_lm or "
-                      f"prompted_lm run")
-  return exp, comp, params, tokenizer, step
+  model, params, tokenizer, step = restore.restore_decoder(args.workdir, exp, args.command)
+  return exp, model, params, tokenizer, step
+
+
+def _compile_cache():
+  """sample, chat and serve keep their compiled XLA programs on disk, so that the next start
+  skips most compiling: for the rest of this process, jax's persistent compilation cache in
+  $BIGMODEL_COMPILE_CACHE (default ~/.cache/bigmodel/xla; empty: off; an explicit
+  $JAX_COMPILATION_CACHE_DIR wins)."""
+  path = os.environ.get("BIGMODEL_COMPILE_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "bigmodel", "xla"))
+  if not path or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _check_sampling(args):
@@ -229,8 +251,9 @@ def _check_sampling(args):
 def cmd_sample(args, bindings):
   from bigmodel.infer import sample
   _check_sampling(args)
-  exp, comp, params, tokenizer, _ = _restore_decoder(args, bindings)
-  text = sample.generate(comp.model, params, tokenizer, args.prompt, args.num_tokens,
+  _compile_cache()
+  exp, model, params, tokenizer, _ = _restore_decoder(args, bindings)
+  text = sample.generate(model, params, tokenizer, args.prompt, args.num_tokens,
                          exp.data.seq_len, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, seed=args.seed)
   print(text)
@@ -240,25 +263,35 @@ def cmd_chat(args, bindings):
   from bigmodel.config import ConfigError
   from bigmodel.infer import chat, decode
   _check_sampling(args)
-  exp, comp, params, tokenizer, _ = _restore_decoder(args, bindings)
+  _compile_cache()
+  exp, model, params, tokenizer, _ = _restore_decoder(args, bindings)
   try:
     template, sft = chat.resolve_template(exp, args.template)
     eos = getattr(tokenizer, "eos_id", None)
     sep = [eos] if sft and eos is not None else list(tokenizer.encode("\n"))
-    conv = chat.Conversation(tokenizer, template, comp.model.cfg.max_len, args.max_new_tokens,
+    conv = chat.Conversation(tokenizer, template, model.cfg.max_len, args.max_new_tokens,
                              sep, args.system)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  gen = decode.Generator(comp.model, params, bucket=64)
+  gen = decode.Generator(model, params, bucket=64)
   chat.run(gen, tokenizer, conv, temperature=args.temperature, top_k=args.top_k,
            top_p=args.top_p, seed=args.seed)
 
 
 def cmd_serve(args, bindings):
-  from bigmodel.infer import serve
-  _, comp, params, tokenizer, step = _restore_decoder(args, bindings)
-  service = serve.Service(comp.model, params, tokenizer, step=step, max_batch=args.max_batch)
-  serve.serve(service, args.host, args.port)
+  from bigmodel.infer import api, serve
+  _compile_cache()
+  exp, model, params, tokenizer, step = _restore_decoder(args, bindings)
+  name = args.model_name or os.path.basename(os.path.normpath(args.workdir))
+  app, engine = serve.build_app(exp, model, params, tokenizer, step=step, slots=args.slots,
+                                max_len=args.max_len, max_queue=args.max_queue,
+                                prefix_cache_mb=args.prefix_cache_mb, template=args.template,
+                                model_name=name, max_batch=args.max_batch, api_key=args.api_key)
+  print(f"bigmodel serve: {name} on http://{args.host}:{args.port} ({engine.slots} slots, "
+        f"max_len {engine.max_len}; POST /v1/completions, /v1/chat/completions, /generate; "
+        f"GET /v1/models, /health)", flush=True)
+  api.run(app, args.host, args.port)
+  engine.stop()
 
 
 def cmd_compile(args, bindings):
@@ -338,10 +371,13 @@ def main(argv: list[str] | None = None) -> int:
   from bigmodel.config import ConfigError
   from bigmodel.data.sources import DataError
   from bigmodel.train.checkpoint import CheckpointError
-  from bigmodel.train.loop import TrainingError
   try:
     COMMANDS[args.command](args, bindings)
-  except (ConfigError, DataError, CheckpointError, TrainingError, FileNotFoundError) as e:
+  except Exception as e:  # noqa: BLE001 - usage errors get a message, the rest its traceback
+    loop = sys.modules.get("bigmodel.train.loop")   # not imported by sample/chat/serve (no TF)
+    usage = (ConfigError, DataError, CheckpointError, FileNotFoundError)
+    if not isinstance(e, usage) and not (loop and isinstance(e, loop.TrainingError)):
+      raise
     print(f"bigmodel {args.command}: error: {e}", file=sys.stderr, flush=True)
     return EXIT_USAGE
   return 0

@@ -1,16 +1,13 @@
 """KV-cache decoding (bigmodel.infer): cached logits against the full forward, greedy against
 the former windowed decoders, batching, top-k / top-p filtering, seeds, the length limit, the
-cache's logical axes on a mesh, and `bigmodel serve` / `bigmodel chat` on a tiny trained run."""
+cache's logical axes on a mesh, and `bigmodel chat` on a tiny trained run (serving: test_serve.py)."""
 
 import functools
 import io
 import json
 import os
 import re
-import threading
 import types
-import urllib.error
-import urllib.request
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from bigmodel import cli, config, sharding
 from bigmodel.config import ConfigError, ModelConfig
 from bigmodel.data import tokenizers
-from bigmodel.infer import chat, decode, greedy, sample, serve
+from bigmodel.infer import chat, decode, greedy, sample
 from bigmodel.models.decoder import Decoder
 from bigmodel.train import loop
 
@@ -202,7 +199,7 @@ def test_length_limit():
     gen([[1]], 2, temperature=1.0, top_p=0.0)
 
 
-# ----------------------------------------------------------------------------- serve and chat
+# ----------------------------------------------------------------------------- chat
 
 
 @pytest.fixture(scope="module")
@@ -225,67 +222,6 @@ def workdir(tmp_path_factory):
   ckpt.close()
   gin.clear_config()
   return str(work)
-
-
-def _post(url, body):
-  data = body if isinstance(body, bytes) else json.dumps(body).encode()
-  req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-  try:
-    with urllib.request.urlopen(req, timeout=60) as r:
-      return r.status, json.loads(r.read())
-  except urllib.error.HTTPError as e:
-    return e.code, json.loads(e.read())
-
-
-def test_server(workdir):
-  exp = config.load([os.path.join(workdir, "config.gin")], [])
-  comp, params, tok, step = loop.restore_for_inference(workdir, exp)
-  service = serve.Service(comp.model, params, tok, step=step, max_batch=4)
-  server = serve.make_server(service, "127.0.0.1", 0)
-  thread = threading.Thread(target=server.serve_forever, daemon=True)
-  thread.start()
-  base = f"http://127.0.0.1:{server.server_address[1]}"
-  try:
-    with urllib.request.urlopen(base + "/health", timeout=10) as r:
-      assert json.loads(r.read()) == {"status": "ok", "step": 3, "vocab_size": 257, "max_len": 64,
-                                      "max_batch": 4}
-    code, out = _post(base + "/generate", {"prompt": "the king", "max_new_tokens": 6,
-                                           "temperature": 0})
-    assert code == 200 and len(out["completions"]) == 1 and len(out["tokens"][0]) <= 6
-    want = decode.Generator(comp.model, params, bucket=32)([tok.encode("the king")], 6,
-                                                           eos_id=tok.eos_id)
-    assert out["tokens"][0] == want[0].tokens
-    assert out["completions"][0] == tok.decode(want[0].tokens)
-    code, out = _post(base + "/generate", {"prompts": ["a", "hello there", ""], "seed": 1,
-                                           "max_new_tokens": 5, "top_k": 20, "top_p": 0.9})
-    assert code == 200 and len(out["completions"]) == 3 and len(out["finish_reasons"]) == 3
-    bad = [
-        (b"{not json", "not valid JSON"),
-        ([1, 2], "JSON object"),
-        ({"max_new_tokens": 5}, 'exactly one of "prompt"'),
-        ({"prompt": "a", "prompts": ["b"]}, 'exactly one of "prompt"'),
-        ({"prompt": 5}, '"prompt" must be a string'),
-        ({"prompts": []}, "non-empty list of strings"),
-        ({"prompts": ["a"] * 5}, "at most 4 a request"),
-        ({"prompt": "a", "max_new_tokens": "5"}, '"max_new_tokens" must be an integer'),
-        ({"prompt": "a", "max_new_tokens": 0}, "out of range: use 1..63"),
-        ({"prompt": "a", "temperature": -1}, "temperature=-1.0"),
-        ({"prompt": "a", "top_p": 1.5}, "top_p=1.5"),
-        ({"prompt": "a", "top_k": True}, '"top_k" must be an integer'),
-        ({"prompt": "a", "max_tokens": 5}, "unknown field"),
-        ({"prompt": "x" * 60, "max_new_tokens": 10}, "60 tokens \\+ 10 new tokens = 70 exceeds"),
-    ]
-    for body, message in bad:
-      code, out = _post(base + "/generate", body)
-      assert code == 400, (body, code, out)
-      assert re.search(message, out["error"]), (body, out)
-    code, out = _post(base + "/nope", {"prompt": "a"})
-    assert code == 404 and "POST /generate" in out["error"]
-    code, out = _post(base + "/generate", {"prompt": "still up", "max_new_tokens": 2})
-    assert code == 200 and len(out["tokens"][0]) <= 2
-  finally:
-    server.shutdown()
-    server.server_close()
 
 
 def test_chat_through_the_cli(workdir, monkeypatch, capsys):

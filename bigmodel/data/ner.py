@@ -47,7 +47,7 @@ import logging
 from typing import Sequence
 
 import numpy as np
-import tensorflow as tf
+from bigmodel.data import tf  # accelerators hidden from it: see bigmodel/data/__init__.py
 
 from bigmodel.config import DataConfig
 from bigmodel.data import readers, sources, tokenizers

@@ -92,6 +92,7 @@ def tfds_examples(name: str, split: str, data_dir: str | None = None,
                   instead: str = "put the files under the data directory instead"):
   """The numpy examples of a TFDS split; a DataError (ending "With no network, {instead}.")
   when the dataset cannot be had."""
+  from bigmodel.data import tf  # noqa: F401 - first, so that the accelerators are hidden
   import tensorflow_datasets as tfds
   try:
     ds = tfds.load(name, split=split, data_dir=data_dir or None, download=True)

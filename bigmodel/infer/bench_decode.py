@@ -1,8 +1,8 @@
-"""Decode speed: the KV cache against the former decoders without one, in the same run.
+"""Decode speed: the KV cache, the serving engine and Hugging Face `generate`, in the same run.
 
     python -m bigmodel.infer.bench_decode [--batches 1,8] [--prompt_len 64] [--new_tokens 128]
                                           [--layers 12 --d_model 768 --heads 12 --vocab 50304]
-                                          [--no_loop]
+                                          [--no_loop] [--no_windowed] [--no_hf] [--threads N]
 
 A GPT-2-small-shaped decoder (random init, float32, learned positions) continues random
 prompts greedily; every row makes all its new tokens (no EOS). Timed, after a warm-up that
@@ -13,14 +13,24 @@ compiles every shape:
   loop      the former `bigmodel sample` (batch 1 only): one jitted forward of a fixed window
             per token, from Python; the window here is prompt + new tokens (the old command
             used DataConfig.seq_len, which for GPT-2 is 1024: slower still)
-tokens/s counts new tokens (batch x new_tokens / seconds); "x cache" is each row's time over
-the cache's at the same batch. "same" is the share of rows whose tokens equal the cache's
-(random weights leave near ties, where float order can flip an argmax).
+  engine    bigmodel.infer.engine (what `bigmodel serve` runs): `batch` slots, the prompts
+            submitted at once, prefilled in chunks, then one jitted step a token with the tokens
+            brought back to Python each step (streaming, joins, stops): its "x cache" is that
+            per-step overhead against the one-request decoder's on-device loop
+  hf        Hugging Face transformers `GPT2LMHeadModel.generate` on PyTorch CPU (float32, KV
+            cache on, greedy, the same shape, random init, the same prompts)
+tokens/s counts new tokens (batch x new_tokens / seconds); ms/token is seconds / new_tokens
+(one decode step of the batch, prefill included); "x cache" is each row's time over the
+cache's at the same batch; the lines under the table give hf's time over cache's and
+engine's. "same" is the share of rows whose tokens equal the cache's (random weights leave
+near ties, where float order can flip an argmax); hf has its own random weights, so its
+tokens are not compared ("-").
 """
 
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 
 import jax
@@ -28,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigmodel.config import ModelConfig
-from bigmodel.infer import decode, greedy, sample
+from bigmodel.infer import decode, engine as engine_lib, greedy, sample
 from bigmodel.models.decoder import Decoder
 
 
@@ -60,6 +70,9 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--heads", type=int, default=12)
   ap.add_argument("--vocab", type=int, default=50304)
   ap.add_argument("--no_loop", action="store_true", help="skip the slow old per-token loop")
+  ap.add_argument("--no_windowed", action="store_true", help="skip the former windowed decoder")
+  ap.add_argument("--no_hf", action="store_true", help="skip Hugging Face generate")
+  ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
   args = ap.parse_args(argv)
   cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers,
                     num_heads=args.heads, max_len=1024)
@@ -81,6 +94,22 @@ def main(argv=None) -> list[dict]:
     ref = [c.tokens for c in cached]
     rows.append(dict(batch=b, method="cache", secs=secs, same=1.0, warm=compile_s))
     print(f"  batch {b}: cache {secs:.2f}s (first call, with compile: {compile_s:.1f}s)", flush=True)
+    eng = engine_lib.Engine(model, params, None, slots=b, max_len=p + n, prefix_cache_mb=0)
+    _, compile_s = _timed(eng.warmup)
+    eng.start()
+    _engine_run(eng, prompts, n)
+    out, secs = _timed(lambda: _engine_run(eng, prompts, n))
+    eng.stop()
+    rows.append(dict(batch=b, method="engine", secs=secs, warm=compile_s,
+                     same=np.mean([o == r for o, r in zip(out, ref)])))
+    print(f"  batch {b}: engine {secs:.2f}s", flush=True)
+    if not args.no_hf:
+      hf, compile_s = _timed(lambda: _HF(args))
+      out, secs = _timed(lambda: hf(prompts, n))
+      rows.append(dict(batch=b, method="hf", secs=secs, warm=compile_s, same=None))
+      print(f"  batch {b}: hf generate {secs:.2f}s ({hf.framework})", flush=True)
+    if args.no_windowed:
+      continue
     run = lambda warm=False: greedy.greedy_decode_windowed(model, params, prompts, window, None, n,
                                                            batch_size=b, warm_only=warm)
     _, compile_s = _timed(lambda: run(True))
@@ -97,13 +126,65 @@ def main(argv=None) -> list[dict]:
                        same=float(tok.encode(out)[p:] == ref[0])))
       print(f"  batch {b}: loop {secs:.2f}s", flush=True)
   print()
-  print("| batch | method   | new tokens/s | seconds | x cache | same tokens |")
-  print("|------:|----------|-------------:|--------:|--------:|------------:|")
+  print("| batch | method   | new tokens/s | seconds | ms/token | x cache | same tokens |")
+  print("|------:|----------|-------------:|--------:|---------:|--------:|------------:|")
+  secs = {(r["batch"], r["method"]): r["secs"] for r in rows}
   for r in rows:
-    base = next(x["secs"] for x in rows if x["batch"] == r["batch"] and x["method"] == "cache")
+    base = secs[r["batch"], "cache"]
     print(f"| {r['batch']:5d} | {r['method']:8s} | {r['batch'] * n / r['secs']:12.1f} | "
-          f"{r['secs']:7.2f} | {r['secs'] / base:7.2f} | {r['same']:11.0%} |")
+          f"{r['secs']:7.2f} | {r['secs'] / n * 1e3:8.1f} | {r['secs'] / base:7.2f} | "
+          f"{'-' if r['same'] is None else format(r['same'], '.0%'):>11s} |")
+  for b in sorted({r["batch"] for r in rows}):
+    if (b, "hf") in secs:
+      print(f"batch {b}: hf generate takes {secs[b, 'hf'] / secs[b, 'cache']:.2f}x the cache's time "
+            f"and {secs[b, 'hf'] / secs[b, 'engine']:.2f}x the engine's")
   return rows
+
+
+def _engine_run(eng, prompts, n):
+  """All prompts submitted at once; their tokens, in order."""
+  done = [threading.Event() for _ in prompts]
+  toks = [[] for _ in prompts]
+
+  def on_event(i):
+    def f(ev):
+      toks[i].extend(ev.tokens)
+      if ev.finish_reason:
+        done[i].set()
+    return f
+  params = engine_lib.SamplingParams(max_tokens=n, ignore_eos=True)
+  for i, p in enumerate(prompts):
+    eng.submit(p, params, on_event(i))
+  for d in done:
+    d.wait()
+  return toks
+
+
+class _HF:
+  """GPT2LMHeadModel at the decoder's shape: `generate`, greedy, KV cache on, every new token."""
+
+  def __init__(self, args):
+    import torch
+    import transformers
+    if args.threads:
+      torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    self.torch = torch
+    self.framework = f"transformers {transformers.__version__} / torch {torch.__version__}, " \
+                     f"{torch.get_num_threads()} threads"
+    cfg = transformers.GPT2Config(vocab_size=args.vocab, n_positions=1024, n_embd=args.d_model,
+                                  n_layer=args.layers, n_head=args.heads, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0)
+    self.model = transformers.GPT2LMHeadModel(cfg).eval()
+    self([[1] * 8], 2)                           # warm-up
+
+  def __call__(self, prompts, n):
+    ids = self.torch.tensor(prompts)
+    with self.torch.inference_mode():
+      out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=n,
+                                min_new_tokens=n, do_sample=False, use_cache=True,
+                                pad_token_id=0, eos_token_id=None)
+    return out[:, ids.shape[1]:].tolist()
 
 
 if __name__ == "__main__":

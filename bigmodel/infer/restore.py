@@ -1,0 +1,42 @@
+"""The params of a decoder run's latest checkpoint, without the training input pipelines.
+
+`bigmodel.train.loop.restore_for_inference` builds the run's objective, whose module imports
+its tf.data pipeline (TensorFlow: 10-25 s before anything else happens). sample, chat and
+serve need only the model: this builds the same abstract TrainState from the config (the model,
+the optimizer and a zero batch of the LM objectives' three model inputs) and restores into it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from bigmodel import models, optim, sharding
+from bigmodel.config import ConfigError, Experiment
+from bigmodel.data import tokenizers
+from bigmodel.train import checkpoint, state as state_lib
+
+DECODER_OBJECTIVES = ("causal_lm", "prompted_lm")
+
+
+def restore_decoder(workdir: str, exp: Experiment, command: str = "sample"):
+  """(model, params, tokenizer, step) of the latest checkpoint in a causal_lm / prompted_lm
+  workdir (a ConfigError for any other objective, a CheckpointError with none saved)."""
+  if exp.train.objective not in DECODER_OBJECTIVES:
+    raise ConfigError(f"{workdir} holds a {exp.train.objective!r} run; `bigmodel {command}` "
+                      f"needs a causal_lm or prompted_lm run")
+  mesh = sharding.make_mesh(exp.mesh)
+  model = models.build("decoder", exp.model, mesh)
+  tx, _ = optim.make(exp.optim, exp.train.train_steps)
+  z = jnp.zeros((exp.train.batch_size // exp.train.microbatches, exp.data.seq_len), jnp.int32)
+  abstract, _ = state_lib.state_shardings(model, tx, (z, z, z + 1), mesh)   # inputs, positions, segments
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  try:
+    latest = ckpt.latest_step()
+    if latest is None:
+      raise checkpoint.CheckpointError(f"no checkpoint in {workdir}/checkpoints: train first")
+    state, _ = ckpt.restore(latest, abstract)
+  finally:
+    ckpt.close()
+  return model, state.params, tokenizers.load(workdir), latest
