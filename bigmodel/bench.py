@@ -17,11 +17,20 @@ train`) on random tokens and reports:
   memory_bytes_per_device   arguments + outputs + temporaries - aliased, from XLA's memory analysis
   input_tokens_per_sec      what the real tf.data pipeline delivers (to device arrays), and
   input_headroom            that divided by what the step consumes (goal: >= 10)
+  residual_gradient         the widest backward (kLoop) fusion's operand count of the step, and of
+                            the same step compiled without `layers.materialize_cotangent`
+                            (`--no_residual_check` skips that second compile)
 The peak FLOP/s is measured in the same run (an f32 2048^2 matmul on CPU, bf16 8192^2 on
-accelerators) unless `--peak_flops` gives a datasheet figure per device.
+accelerators), before and again after the points, and raised to the best recorded for
+this host (`bigmodel.flops.Peak`), unless `--peak_flops` gives a datasheet figure per
+device; an MFU above 1 is shown as "n/a (above the peak)". The host (CPU model, usable
+cores, devices, jax/torch/transformers versions) and the peak go into results.json (`host`,
+and a short `host` in every record) and head the table: ratios depend on the host.
 
 Side-by-side baseline (`--baseline auto`, the default on CPU): Hugging Face transformers on
-PyTorch CPU at the same config (`GPT2LMHeadModel`; `BertForMaskedLM` for encoders), AdamW
+PyTorch CPU at the same config (`GPT2LMHeadModel`; for encoders `BertForPreTraining` with the
+MLM head applied only at the gathered masked positions, as bigmodel and google-research/bert
+do), AdamW
 (torch's fused CPU kernel) with the run's global-norm clipping, random data, float32,
 dropout 0. It is timed in the same process, interleaved round by round with the bigmodel
 step so that both see the same machine load; the bigmodel record carries
@@ -46,7 +55,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -253,6 +261,39 @@ class BigmodelRunner:
     return self.comp.flops_per_token(causal=causal)
 
 
+def widest_loop_fusion(hlo_text: str) -> int:
+  """The most operands any elementwise (kLoop) fusion takes in a compiled program's HLO."""
+  import re
+  counts = [len(re.findall(r"%[\w.\-]+", m.group(1)))
+            for m in re.finditer(r" fusion\((.*?)\), kind=kLoop", hlo_text)]
+  return max(counts, default=0)
+
+
+def residual_gradient_check(runner) -> dict:
+  """The figure `layers.materialize_cotangent` protects, for `make bench` to show.
+
+  Without it XLA:CPU fused the residual stream's gradient (a sum over every layer above)
+  into each backward consumer, so the widest fusion grew with depth and each layer re-added
+  the layers above it (15% of a GPT-2-small step). The same step is compiled again with the
+  barrier replaced by the identity: the two widths should differ, and the one with the
+  barrier should not grow with the number of layers. What is compiled (not run) is the
+  gradient of the point's loss, without the optimizer, whose update fusions would
+  otherwise be the widest at small depths."""
+  from unittest import mock
+  import jax
+  from bigmodel.models import layers
+  comp = runner.comp
+
+  def widest() -> int:
+    grad = jax.jit(jax.grad(lambda p, b: comp.objective.loss_fn(comp.model, p, b)[0]))
+    return widest_loop_fusion(grad.lower(comp.abstract.params, runner.batch).compile().as_text())
+  with_barrier = widest()
+  with mock.patch.object(layers, "materialize_cotangent", lambda x: x):
+    without = widest()
+  return {"widest_fusion_operands": with_barrier,
+          "widest_fusion_operands_without_barrier": without}
+
+
 def memory_per_device(compiled) -> int | None:
   try:
     mem = compiled.memory_analysis()
@@ -285,9 +326,20 @@ def baseline_mismatch(exp) -> str:
   return ""
 
 
+def _prediction_slots(exp) -> int:
+  """Masked-LM prediction slots per row in the batches bigmodel's step gets at this point."""
+  from bigmodel import objectives
+  example = objectives.get(exp.train.objective).example_batch(1, exp.data.seq_len)
+  return int(example["masked_lm_positions"].shape[1])
+
+
 class HFTorchRunner:
   """Hugging Face transformers on PyTorch CPU at the same config: float32, dropout 0,
-  AdamW (fused CPU kernel) with the same betas/eps/decay and global-norm clipping."""
+  AdamW (fused CPU kernel) with the same betas/eps/decay and global-norm clipping.
+
+  Encoders run `BertForPreTraining` with the work bigmodel's step does: the MLM head on the
+  gathered masked positions only (google-research/bert's `gather_indexes`), plus NSP;
+  `BertForMaskedLM(labels=...)` would project all positions onto the vocabulary."""
 
   def __init__(self, exp, threads: int = 0):
     import torch
@@ -301,6 +353,7 @@ class HFTorchRunner:
     self.framework = f"transformers {transformers.__version__} / torch {torch.__version__}"
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, m.vocab_size, (b, s), generator=gen)
+    self.mlm = None
     if exp.train.objective == "causal_lm":
       cfg = transformers.GPT2Config(
           vocab_size=m.vocab_size, n_positions=m.max_len, n_embd=m.d_model, n_layer=m.num_layers,
@@ -318,13 +371,14 @@ class HFTorchRunner:
           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
           max_position_embeddings=m.max_len, type_vocab_size=m.type_vocab_size,
           layer_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings)
-      self.model = transformers.BertForMaskedLM(cfg)
-      labels = torch.full((b, s), -100)
-      mask = torch.rand((b, s), generator=gen) < 0.15
-      labels[mask] = ids[mask]
+      self.model = transformers.BertForPreTraining(cfg)
+      slots = _prediction_slots(exp)
+      positions = torch.sort(torch.stack([torch.randperm(s - 1, generator=gen)[:slots] + 1
+                                          for _ in range(b)]), -1).values
       self.inputs = {"input_ids": ids, "token_type_ids": (torch.arange(s) >= s // 2).long()
-                     .expand(b, s), "attention_mask": torch.ones((b, s), dtype=torch.long),
-                     "labels": labels}
+                     .expand(b, s), "attention_mask": torch.ones((b, s), dtype=torch.long)}
+      self.mlm = (positions, torch.gather(ids, 1, positions),
+                  torch.randint(0, 2, (b,), generator=gen))
     self.model.train()
     self.params = sum(p.numel() for p in self.model.parameters())
     self.clip = o.clip_norm
@@ -339,9 +393,21 @@ class HFTorchRunner:
     self.compile_s = None
     self.first_step_s = time.perf_counter() - t
 
+  def _bert_loss(self):
+    """MLM + NSP as google-research/bert computes it: the MLM head (transform and the V x d
+    projection) only at the gathered masked positions, as bigmodel's encoder does."""
+    torch = self.torch
+    positions, ids, nsp_labels = self.mlm
+    hidden, pooled = self.model.bert(**self.inputs, return_dict=False)[:2]
+    gathered = torch.gather(hidden, 1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    scores = self.model.cls.predictions(gathered)                  # [b, slots, V]
+    mlm = torch.nn.functional.cross_entropy(scores.flatten(0, 1), ids.flatten())
+    nsp = torch.nn.functional.cross_entropy(self.model.cls.seq_relationship(pooled), nsp_labels)
+    return mlm + nsp
+
   def step(self):
     self.opt.zero_grad(set_to_none=True)
-    loss = self.model(**self.inputs).loss
+    loss = self.model(**self.inputs).loss if self.mlm is None else self._bert_loss()
     loss.backward()
     if self.clip > 0:
       self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
@@ -456,7 +522,8 @@ def record(name: str, runner, exp, times: list[float], peak: float,
 
 def bench_point(point: Point, *, peak: float, warmup: int = 2, steps: int = 3, rounds: int = 3,
                 baseline: str = "auto", pipeline: bool = True, profile_steps=None,
-                profile_dir: str = "out/bench/profile", extra_bindings=(), log=print) -> list[dict]:
+                profile_dir: str = "out/bench/profile", extra_bindings=(), log=print,
+                residual_check: bool = False) -> list[dict]:
   """Records for one point: bigmodel, and the baseline beside it when there is one."""
   import jax
   from bigmodel import config
@@ -510,6 +577,8 @@ def bench_point(point: Point, *, peak: float, warmup: int = 2, steps: int = 3, r
     main.update(input_pipeline(exp, devices))
     if main.get("input_tokens_per_sec"):
       main["input_headroom"] = main["input_tokens_per_sec"] / main["tokens_per_sec"]
+  if residual_check and exp.model.num_layers > 1:
+    main["residual_gradient"] = residual_gradient_check(runners[0])
   if profile_steps:
     d = os.path.join(profile_dir, point.name.replace("/", "_"))
     main["profile_dir"] = profile(runners[0], profile_steps, d)
@@ -523,8 +592,30 @@ def _mesh_str(mesh: dict) -> str:
   return "x".join(f"{k}{v}" for k, v in mesh.items() if v > 1) or "1 device"
 
 
-def format_table(records: list[dict], peak: float, peak_how: str) -> str:
-  lines = [f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_how}); MFU (PaLM) counts 6N + 12·L·H·Q·T "
+def _host_str(host: dict) -> str:
+  versions = ", ".join(f"{k} {host[k]}" for k in ("jax", "torch", "transformers") if host.get(k))
+  return (f"{host['cpu_model']}, {host['cpu_usable']} of {host['cpu_count']} cores usable, "
+          f"{host['device_count']} {host['platform']} device(s) ({host['device_kind']}); {versions}")
+
+
+def _pct(mfu: float) -> str:
+  """An MFU as a percentage; above 1 it is no utilization (the peak was measured too low)."""
+  return f"{mfu:.1%}" if mfu <= 1 else "n/a (above the peak)"
+
+
+def rescore(record: dict, peak: float) -> None:
+  """MFU of a record against the final peak; an MFU above 1 is kept apart, never as `mfu_*`."""
+  for conv in ("palm", "causal"):
+    mfu = record["tokens_per_sec"] * record[f"flops_per_token_{conv}"] / peak
+    record[f"mfu_{conv}"] = mfu
+    if mfu > 1:
+      record[f"mfu_{conv}_above_peak"] = True
+  record["peak_flops"] = peak
+
+
+def format_table(records: list[dict], peak: float, peak_how: str, host: dict | None = None) -> str:
+  lines = ([f"host: {_host_str(host)}"] if host else []) + [
+           f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_how}); MFU (PaLM) counts 6N + 12·L·H·Q·T "
            f"FLOPs/token, MFU (causal) half the attention term", "",
            "| point | framework | mesh | batch x seq | params | tokens/s | sequences/s | "
            "tokens/s/device | step ms | MFU (PaLM) | MFU (causal) | memory/device | compile s | "
@@ -539,8 +630,8 @@ def format_table(records: list[dict], peak: float, peak_how: str) -> str:
     lines.append(
         f"| {r['name']} | {r['framework']} | {_mesh_str(r['mesh'])} | {r['batch']} x {r['seq']} | "
         f"{r['params'] / 1e6:,.1f}M | {r['tokens_per_sec']:,.0f} | {r['sequences_per_sec']:,.1f} | "
-        f"{r['tokens_per_sec_per_device']:,.0f} | {r['step_ms']:,.1f} | {r['mfu_palm']:.1%} | "
-        f"{r['mfu_causal']:.1%} | {mem} | {comp} | {ratio} | {head} |")
+        f"{r['tokens_per_sec_per_device']:,.0f} | {r['step_ms']:,.1f} | {_pct(r['mfu_palm'])} | "
+        f"{_pct(r['mfu_causal'])} | {mem} | {comp} | {ratio} | {head} |")
   return "\n".join(lines)
 
 
@@ -588,6 +679,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="skip the tf.data throughput measurement")
   p.add_argument("--peak_flops", type=float, default=0.0,
                  help="datasheet peak FLOP/s per device (default: measure a matmul)")
+  p.add_argument("--no_residual_check", action="store_true",
+                 help="skip compiling each point again without materialize_cotangent (the "
+                      "widest backward fusion with and without it)")
   p.add_argument("--profile_steps", type=parse_steps, default=None,
                  help="A:B: after timing, run B more steps tracing [A, B) with jax.profiler")
   p.add_argument("--out", default="out/bench/results.json",
@@ -639,8 +733,17 @@ def main(argv: list[str] | None = None) -> int:
   import jax
   from bigmodel import flops
   from bigmodel.config import ConfigError
-  peak, peak_how = flops.machine_peak(args.peak_flops or None)
-  print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({peak_how}); {jax.device_count()} "
+  if args.baseline != "off":
+    try:   # so that host_info() records their versions
+      import torch  # noqa: F401
+      import transformers  # noqa: F401
+    except ImportError:
+      pass
+  run_peak = flops.Peak.for_run(args.peak_flops or None)
+  peak = run_peak.flops
+  host = flops.host_info()
+  print(f"host: {_host_str(host)}", flush=True)
+  print(f"peak: {peak / 1e9:,.1f} GFLOP/s ({run_peak.source}); {jax.device_count()} "
         f"{jax.devices()[0].platform} devices; {len(points)} points; host malloc: {malloc}",
         flush=True)
   records = []
@@ -650,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
                          rounds=args.rounds, baseline=args.baseline,
                          pipeline=not args.no_input_pipeline, profile_steps=args.profile_steps,
                          profile_dir=os.path.join(os.path.dirname(json_path) or ".", "profile"),
-                         extra_bindings=bindings)
+                         extra_bindings=bindings, residual_check=not args.no_residual_check)
     except ConfigError as e:
       print(f"bigmodel bench: error: {point.name}: {e}", file=sys.stderr, flush=True)
       return 2
@@ -658,16 +761,35 @@ def main(argv: list[str] | None = None) -> int:
       r["peak_flops"] = peak
       extra = (f", {r['ratio_vs_baseline']:.2f}x baseline" if r.get("ratio_vs_baseline") else "")
       extra += (f", input headroom {r['input_headroom']:,.0f}x" if r.get("input_headroom") else "")
+      if r.get("residual_gradient"):
+        g = r["residual_gradient"]
+        extra += (f", widest backward fusion {g['widest_fusion_operands']} operands "
+                  f"({g['widest_fusion_operands_without_barrier']} without materialize_cotangent)")
       print(f"{r['name']} [{r['framework']}]: {r['tokens_per_sec']:,.0f} tokens/s, "
-            f"{r['step_ms']:.1f} ms/step, MFU {r['mfu_palm']:.1%} (PaLM){extra}", flush=True)
+            f"{r['step_ms']:.1f} ms/step, MFU {_pct(r['mfu_palm'])} (PaLM){extra}", flush=True)
       if r.get("profile_dir"):
         print(f"  trace: {r['profile_dir']} (tensorboard --logdir {r['profile_dir']}, or "
               f"ui.perfetto.dev on its .trace.json.gz)", flush=True)
     records += recs
-  table = format_table(records, peak, peak_how)
-  out = {"peak_flops": peak, "peak_source": peak_how, "platform": jax.devices()[0].platform,
-         "device_kind": jax.devices()[0].device_kind, "host": platform.node(),
-         "cpu_count": os.cpu_count(), "jax": jax.__version__, "host_malloc": malloc,
+  return write_results(records, run_peak, peak, host, malloc, args, json_path, md_path)
+
+
+def write_results(records, run_peak, peak_at_start: float, host: dict, malloc: str, args,
+                  json_path: str, md_path: str) -> int:
+  """Re-measures a measured peak, scores every record against it, writes results.json/.md."""
+  import jax
+  if run_peak.matmul:     # measured: again after the runs; the best of both (and the record)
+    run_peak.measure()
+  peak = run_peak.flops
+  host.update(peak_flops=peak, peak_source=run_peak.source, peak_flops_at_start=peak_at_start,
+              host_malloc=malloc)
+  for r in records:
+    rescore(r, peak)
+    r["host"] = {k: host.get(k) for k in ("cpu_model", "cpu_usable", "peak_flops", "jax", "torch")}
+  table = format_table(records, peak, run_peak.source, host)
+  out = {"peak_flops": peak, "peak_source": run_peak.source, "peak_flops_at_start": peak_at_start,
+         "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
+         "host": host, "cpu_count": os.cpu_count(), "jax": jax.__version__, "host_malloc": malloc,
          "settings": {"warmup": args.warmup, "steps": args.steps, "rounds": args.rounds},
          "records": records}
   print()

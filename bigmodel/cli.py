@@ -188,7 +188,8 @@ def _print_summary(summary: dict):
   tps = summary.get("tokens_per_sec")
   mfu = summary.get("mfu")
   print(f"final: step {summary['step']} | validation loss {summary['validation_loss']:.4f} | "
-        f"{tps or 0:,.0f} tokens/s | MFU {(mfu or 0):.1%} of {summary['peak_flops'] / 1e9:.1f} "
+        f"{tps or 0:,.0f} tokens/s | MFU {'n/a' if mfu is None else f'{mfu:.1%}'} of "
+        f"{summary['peak_flops'] / 1e9:.1f} "
         f"GFLOP/s ({summary['peak_flops_source']}) | wall {summary['wall_time_s']:.1f}s "
         f"(training {summary['train_time_s']:.1f}s)", flush=True)
 

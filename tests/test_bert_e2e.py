@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+from unittest import mock
 
 import jax
 import numpy as np
@@ -58,24 +59,47 @@ def test_pretrain_then_phase2_from_checkpoint(corpus, tmp_path):
   assert "bert_mlm_nsp" in (phase1 / "config.gin").read_text()
 
   # Phase 2: longer sequences, params from phase 1 (on another mesh), fresh optimizer and step.
+  # What phase 2's first step receives must be phase 1's final params (its last checkpoint).
   from bigmodel import cli, config, sharding
   from bigmodel.train import checkpoint, loop
   phase2 = tmp_path / "phase2"
   bindings = _tiny(corpus, 64, 3) + [f"TrainConfig.init_checkpoint = '{phase1}'"]
-  assert cli.main(["train", f"--gin_file={PHASE2}", f"--workdir={phase2}",
-                   *helpers.gin_args(bindings)]) == 0
+  first_state = []
+  real_train_step = loop.Components.train_step
+
+  def recording_train_step(self, *args, **kwargs):
+    step_fn = real_train_step(self, *args, **kwargs)
+
+    def step(state, batch):
+      if not first_state:
+        first_state.append(jax.device_get(state))
+      return step_fn(state, batch)
+    return step
+  with mock.patch.object(loop.Components, "train_step", recording_train_step):
+    assert cli.main(["train", f"--gin_file={PHASE2}", f"--workdir={phase2}",
+                     *helpers.gin_args(bindings)]) == 0
   assert [r["step"] for r in _records(phase2) if r.get("split")] == [3]
   assert (phase2 / "tokenizer.model").read_bytes() == (phase1 / "tokenizer.model").read_bytes()
 
+  exp1 = config.load([RECIPE], _tiny(corpus, 32, 6))
+  comp1 = loop.Components.build(exp1, sharding.make_mesh(exp1.mesh))
+  ckpt = checkpoint.Checkpointer(str(phase1 / "checkpoints"), async_save=False)
+  assert ckpt.latest_step() == 6
+  final1, _ = ckpt.restore(6, comp1.abstract)
+  ckpt.close()
+  (start2,) = first_state
+  assert int(start2.step) == 0                              # a fresh step and optimizer state
+  assert all(not np.asarray(m).any() for m in jax.tree.leaves(start2.opt_state)
+             if np.asarray(m).dtype.kind == "f")
+  final1_leaves = jax.tree.leaves(final1.params)
+  assert len(jax.tree.leaves(start2.params)) == len(final1_leaves)
+  for a, b in zip(jax.tree.leaves(start2.params), final1_leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   exp = config.load([PHASE2], bindings)
   comp = loop.Components.build(exp, sharding.make_mesh(exp.mesh))
-  params, step = loop.load_params(str(phase1), comp.abstract.params)
-  assert step == 6
-  ckpt = checkpoint.Checkpointer(str(phase1 / "checkpoints"), async_save=False)
-  state, _ = ckpt.restore(6, comp.abstract)
-  ckpt.close()
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  init = comp.init_state(jax.random.key(exp.train.seed)).params   # what a fresh start would use
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(init), final1_leaves))
 
   bad = _tiny(corpus, 64, 3) + [f"TrainConfig.init_checkpoint = '{tmp_path / 'nowhere'}'"]
   assert cli.main(["train", f"--gin_file={PHASE2}", f"--workdir={tmp_path / 'bad'}",

@@ -1,8 +1,8 @@
 """Parity with transformers: tiny random BERT and GPT-2 checkpoints, imported and run.
 
-Bounds (issue 4): max abs difference <= 1e-4 in float32 for hidden states and logits, with
-and without padding masks; GPT-2 greedy generations identical; HF -> bigmodel -> HF
-bitwise-equal tensors.
+Bounds: max abs difference <= 5e-6 in float32 for hidden states and logits (the README's
+figures, ~2e-6, measured here), with and without padding masks, on one device and on a
+2x2x2 mesh; GPT-2 greedy generations identical; HF -> bigmodel -> HF bitwise-equal tensors.
 """
 
 import jax
@@ -16,7 +16,7 @@ from bigmodel import config, pretrained, sharding
 from bigmodel.interop import hf as hf_lib
 from tests import interop_helpers as H
 
-TOL = 1e-4
+TOL = 5e-6     # what the README reports (measured 1.9e-6 to 2.6e-6)
 
 
 @pytest.fixture(scope="module")

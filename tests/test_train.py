@@ -140,7 +140,7 @@ def test_misspelled_binding(capsys, text_corpus, tmp_path):
 def test_required_value_missing(capsys, tmp_path):
   code, err = _main(capsys, ["train", f"--workdir={tmp_path}",
                              "--gin_file=experiments/runs/pretrain_lm.gin"])
-  assert code == 2 and "TRAIN_STEPS" in err or "required" in err.lower()
+  assert code == 2 and ("TRAIN_STEPS" in err or "required" in err.lower()), (code, err)
 
 
 def test_missing_data_file(capsys, text_corpus, tmp_path):

@@ -183,7 +183,7 @@ def train_tokenizer(sentences: Sequence[str], vocab_size: int):
   """A unigram SentencePiece model with [CLS] [SEP] [MASK] reserved, trained on `sentences`
   (one a line) and cached by content hash."""
   text = "\n".join(sentences) + "\n"
-  key = hashlib.sha256(f"bert-spm-v1 {vocab_size} {SPECIAL_PIECES}\n".encode() + text.encode()).hexdigest()[:16]
+  key = hashlib.sha256(f"bert-spm-v2 {vocab_size} {SPECIAL_PIECES}\n".encode() + text.encode()).hexdigest()[:16]
   directory = _cache_dir()
   path = os.path.join(directory, f"bert-spm-{vocab_size}-{key}.model")
   if not os.path.exists(path):
@@ -434,7 +434,7 @@ class BertData:
     def encode(docs):
       out = []
       for doc in docs:
-        ids = [a for a in (np.asarray(tokenizer.encode_array(s), np.int32) for s in doc) if len(a)]
+        ids = [a for a in (tokenizers.encode_ordinary(tokenizer, s) for s in doc) if len(a)]
         if ids:
           out.append(ids)
       return out

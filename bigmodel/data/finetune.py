@@ -70,7 +70,7 @@ def encode_decoder(tokenizer, texts: list[tuple[str, ...]], seq_len: int) -> Tab
     for i, t in enumerate(row):
       if i:
         toks.append(eos)
-      toks += list(tokenizer.encode(t))
+      toks += list(tokenizers.encode_ordinary(tokenizer, t))
     if eos is not None:
       toks.append(eos)
     if len(toks) > seq_len:
@@ -89,8 +89,9 @@ def encode(tokenizer, texts: list[tuple[str, ...]], seq_len: int, decoder: bool 
     firsts = [t[0] for t in texts]
     pairs = [t[1] for t in texts] if texts and len(texts[0]) > 1 else None
     inputs = firsts if pairs is None else list(zip(firsts, pairs))
-    lengths = np.array([len(e.ids) for e in tokenizer.tok.encode_batch(inputs, add_special_tokens=True)])
-    b = tokenizer.batch(firsts, pairs, max_len=seq_len, pad_to=seq_len)
+    lengths = np.array([len(ids) for ids in tokenizer.encode_batch(inputs, add_special_tokens=True,
+                                                                   split_special_tokens=True)])
+    b = tokenizer.batch(firsts, pairs, max_len=seq_len, pad_to=seq_len, split_special_tokens=True)
     ids, mask, seg = b["input_ids"], b["attention_mask"], b["token_type_ids"]
   else:
     try:
@@ -105,7 +106,7 @@ def encode(tokenizer, texts: list[tuple[str, ...]], seq_len: int, decoder: bool 
     seg = np.zeros((n, seq_len), np.int32)
     lengths = np.zeros(n, np.int64)
     for r, row in enumerate(texts):
-      parts = [list(tokenizer.encode_array(t)) for t in row]
+      parts = [list(tokenizers.encode_ordinary(tokenizer, t)) for t in row]
       lengths[r] = sum(len(p) for p in parts) + len(parts) + 1
       budget = seq_len - len(parts) - 1
       while sum(len(p) for p in parts) > budget:

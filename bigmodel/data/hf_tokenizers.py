@@ -16,6 +16,13 @@ SentencePiece, plus what BERT-style data and inference need: `piece_to_id`, the 
 ids (cls_id, sep_id, pad_id, mask_id, unk_id), `encode(..., add_special_tokens=True)`,
 `encode_pair` and `batch` (padded numpy arrays for `model.apply`).
 
+Special tokens in text: `encode`, `encode_pair` and `batch` behave as transformers'
+tokenizers do (a literal "[SEP]" or "<|endoftext|>" in the text becomes that token's id),
+which parity with Hugging Face needs (`bigmodel.load_pretrained(...).tokenizer`, prompts).
+Training and evaluation data go through `encode_ordinary` (or `split_special_tokens=True`,
+transformers' name for it; nanoGPT's `encode_ordinary`): raw text cannot inject a control
+token, and the pipelines insert [CLS], [SEP], [MASK] and EOS by id where they belong.
+
 `save(directory)` writes files that both `bigmodel.data.tokenizers.load` and
 `transformers.AutoTokenizer.from_pretrained` read: the vocabulary file(s),
 tokenizer_config.json, special_tokens_map.json and the library's tokenizer.json.
@@ -92,31 +99,56 @@ class _HFTokenizer:
   def pad_id(self) -> int | None:
     return self._special_id("pad_token")
 
-  def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-    """Token ids of `text`; without special tokens unless asked (pipelines add their own)."""
-    return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+  def library_tokenizer(self, split_special_tokens: bool = False) -> tokenizers.Tokenizer:
+    """The library tokenizer; with split_special_tokens, a copy that reads a literal special
+    token in the text ("[SEP]", "<|endoftext|>") as ordinary text."""
+    if not split_special_tokens:
+      return self.tok
+    if getattr(self, "_ordinary", None) is None:
+      self._ordinary = tokenizers.Tokenizer.from_str(self.tok.to_str())
+      self._ordinary.encode_special_tokens = True
+    return self._ordinary
+
+  def encode(self, text: str, add_special_tokens: bool = False,
+             split_special_tokens: bool = False) -> list[int]:
+    """Token ids of `text`; without special tokens unless asked (pipelines add their own).
+
+    As transformers' tokenizers do, a literal special token in `text` becomes its id unless
+    `split_special_tokens` (then it is ordinary text: `encode_ordinary`)."""
+    tok = self.library_tokenizer(split_special_tokens)
+    return tok.encode(text, add_special_tokens=add_special_tokens).ids
 
   def encode_array(self, text: str) -> np.ndarray:
     return np.asarray(self.encode(text), np.int32)
 
-  def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[list[int]]:
-    return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+  def encode_ordinary(self, text: str) -> list[int]:
+    """Token ids of raw text: special tokens written in it are ordinary text (training data)."""
+    return self.encode(text, split_special_tokens=True)
+
+  def encode_ordinary_array(self, text: str) -> np.ndarray:
+    return np.asarray(self.encode_ordinary(text), np.int32)
+
+  def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False,
+                   split_special_tokens: bool = False) -> list[list[int]]:
+    return [e.ids for e in self.library_tokenizer(split_special_tokens).encode_batch(
+        list(texts), add_special_tokens=add_special_tokens)]
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
   def batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None, *,
             max_len: int | None = None, add_special_tokens: bool = True,
-            pad_to: int | None = None) -> dict[str, np.ndarray]:
+            pad_to: int | None = None, split_special_tokens: bool = False) -> dict[str, np.ndarray]:
     """Right-padded numpy arrays input_ids, attention_mask, token_type_ids [b, s].
 
     Sequences longer than `max_len` are truncated (pairs: the longest first); `pad_to`
-    pads to a fixed length (default: the longest sequence).
+    pads to a fixed length (default: the longest sequence). A literal special token in a
+    text becomes its id, as in transformers, unless `split_special_tokens` (training data).
     """
     if isinstance(texts, str):
       raise TypeError("batch() takes a list of texts; use encode() for one text")
     inputs = list(texts) if pairs is None else list(zip(texts, pairs))
-    tok = self.tok
+    tok = self.library_tokenizer(split_special_tokens)
     if max_len:
       tok.enable_truncation(max_len)
     else:

@@ -44,7 +44,7 @@ class TokenStream:
     pieces, starts, offset = [], [], 0
     eos = tokenizer.eos_id if add_eos else None
     for doc in docs:
-      ids = tokenizer.encode_array(doc)
+      ids = tokenizers.encode_ordinary(tokenizer, doc)   # raw text: no control tokens
       if eos is not None:
         ids = np.append(ids, np.int32(eos))
       pieces.append(ids.astype(np.int32))
@@ -101,10 +101,13 @@ def _shuffled(k, n_rows: int, seed: int):
 
 def batches(stream: TokenStream, seq_len: int, stride: int, global_batch: int, *, seed: int,
             shuffle: bool, start_step: int = 0, num_steps: int | None = None,
-            host_rows: tuple[int, int] | None = None) -> tf.data.Dataset:
+            host_rows: tuple[int, int] | None = None,
+            pad_past_end: bool = False) -> tf.data.Dataset:
   """This host's rows of global batches start_step, start_step+1, ... as a tf.data pipeline.
 
   host_rows: (first row, count) of each global batch that this host feeds (default: all).
+  pad_past_end: one pass (an evaluation): example indices past the last row fill the last
+    batch with rows from the start at weight 0, so that every row is scored exactly once.
   """
   n_rows = num_rows(len(stream), seq_len, stride)
   if n_rows == 0:
@@ -120,7 +123,10 @@ def batches(stream: TokenStream, seq_len: int, stride: int, global_batch: int, *
   def make(step):
     k = step * global_batch + first_row + tf.range(per_host, dtype=tf.int64)
     row_ids = _shuffled(k, n_rows, seed) if shuffle else k % n_rows
-    return rows(row_ids)
+    out = rows(row_ids)
+    if pad_past_end:
+      out["weights"] *= tf.cast(k < n_rows, tf.float32)[:, None]
+    return out
 
   ds = tf.data.Dataset.range(start_step, stop).map(make, num_parallel_calls=tf.data.AUTOTUNE,
                                                    deterministic=True)
@@ -170,7 +176,7 @@ class LMData:
     n_rows = num_rows(len(self.val), self.cfg.seq_len, self.cfg.seq_len)
     steps = max(1, min(self.cfg.eval_batches, -(-n_rows // global_batch)))
     return batches(self.val, self.cfg.seq_len, self.cfg.seq_len, global_batch, seed=self.cfg.seed,
-                   shuffle=False, num_steps=steps, host_rows=host_rows)
+                   shuffle=False, num_steps=steps, host_rows=host_rows, pad_past_end=True)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int, salt: int) -> np.ndarray:

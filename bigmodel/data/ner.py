@@ -309,8 +309,8 @@ def special_ids(tokenizer) -> tuple[int, int, int, int]:
 def word_pieces(tokenizer, sentences: Sequence[Sequence[str]], unk: int) -> list[list[list[int]]]:
   """Per sentence, per word, its sub-word ids ([unk] for a word with none)."""
   if hasattr(tokenizer, "tok") and hasattr(tokenizer, "batch"):    # imported WordPiece / BPE
-    encs = tokenizer.tok.encode_batch([list(s) for s in sentences], is_pretokenized=True,
-                                      add_special_tokens=False)
+    encs = tokenizer.library_tokenizer(split_special_tokens=True).encode_batch(
+        [list(s) for s in sentences], is_pretokenized=True, add_special_tokens=False)
     out = []
     for words, e in zip(sentences, encs):
       pieces = [[] for _ in words]
@@ -325,7 +325,7 @@ def word_pieces(tokenizer, sentences: Sequence[Sequence[str]], unk: int) -> list
     row = []
     for w in words:
       if w not in cache:
-        cache[w] = list(tokenizer.encode(w)) or [unk]
+        cache[w] = list(tokenizers.encode_ordinary(tokenizer, w)) or [unk]
       row.append(cache[w])
     out.append(row)
   return out

@@ -236,7 +236,7 @@ def check_tokenizer(tokenizer) -> int:
 
 def encode_text(tokenizer, text: str, where: str) -> np.ndarray:
   try:
-    enc = tokenizer.encode_array(text) if hasattr(tokenizer, "encode_array") else tokenizer.encode(text)
+    enc = tokenizers.encode_ordinary(tokenizer, text)       # raw text: no control tokens
   except ValueError as e:
     raise DataError(f"{where}: the tokenizer cannot encode it ({e})") from None
   return np.asarray(enc, np.int32)

@@ -173,7 +173,7 @@ def special_ids(tokenizer) -> tuple[int, int, int]:
 def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
   """Token ids of `text` (no special tokens) and each token's (start, end) character span in it."""
   if hasattr(tokenizer, "tok"):                        # hf_tokenizers: the `tokenizers` library
-    enc = tokenizer.tok.encode(text, add_special_tokens=False)
+    enc = tokenizer.library_tokenizer(split_special_tokens=True).encode(text, add_special_tokens=False)
     return list(enc.ids), [tuple(o) for o in enc.offsets]
   if isinstance(tokenizer, tokenizers.SentencePieceTokenizer):
     proto = tokenizer.sp.encode(text, return_type="proto")   # offsets in bytes of `text`

@@ -2,12 +2,22 @@
 
 A run saves its tokenizer into the workdir (`tokenizer.json` or `tokenizer.model`)
 so that eval and sample read exactly what training used.
+
+Special tokens and raw text: training and evaluation text is encoded with
+`encode_ordinary` (as nanoGPT's `enc.encode_ordinary`), so that a literal "[MASK]", "[SEP]"
+or "<|endoftext|>" in a corpus is ordinary text, never the control id; the pipelines put
+[CLS], [SEP], [MASK] and EOS in by id. SentencePiece models trained here reserve their
+special pieces as control symbols, which SentencePiece never matches in text; a model with
+them as user-defined symbols (trained before) has them split out of the text by
+`encode_ordinary`. `encode` keeps each library's own behaviour (for imported Hugging Face
+tokenizers, transformers' behaviour: see `hf_tokenizers`), for prompts and parity.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from typing import Protocol, Sequence
 
@@ -57,6 +67,9 @@ class CharTokenizer:
   def decode(self, ids: Sequence[int]) -> str:
     return "".join(self.chars[i] for i in ids if 0 <= i < self.vocab_size)
 
+  encode_ordinary = encode            # no special tokens: every id is a character
+  encode_ordinary_array = encode_array
+
   def save(self, directory: str) -> str:
     path = os.path.join(directory, "tokenizer.json")
     with open(path, "w") as f:
@@ -77,6 +90,9 @@ class ByteTokenizer:
 
   def decode(self, ids: Sequence[int]) -> str:
     return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+  encode_ordinary = encode            # EOS (256) is no byte: text cannot produce it
+  encode_ordinary_array = encode_array
 
   def save(self, directory: str) -> str:
     path = os.path.join(directory, "tokenizer.json")
@@ -103,6 +119,35 @@ class SentencePieceTokenizer:
   def encode_array(self, text: str) -> np.ndarray:
     return np.asarray(self.sp.encode(text), np.int32)
 
+  def user_defined_pieces(self) -> tuple[str, ...]:
+    """Pieces SentencePiece matches literally in text (user-defined symbols)."""
+    if not hasattr(self, "_user_defined"):
+      from sentencepiece import sentencepiece_model_pb2
+      proto = sentencepiece_model_pb2.ModelProto()
+      proto.ParseFromString(self.sp.serialized_model_proto())
+      user = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+      self._user_defined = tuple(sorted((p.piece for p in proto.pieces if p.type == user),
+                                        key=len, reverse=True))
+    return self._user_defined
+
+  def encode_ordinary(self, text: str) -> list[int]:
+    """Ids of raw text in which no user-defined piece (a [MASK] reserved that way) is matched:
+    the text around each literal occurrence is encoded as usual and the literal itself
+    character by character (each character's piece, or <unk>)."""
+    specials = [p for p in self.user_defined_pieces() if p in text]
+    if not specials:
+      return self.sp.encode(text)
+    ids: list[int] = []
+    pos = 0
+    for m in re.finditer("|".join(map(re.escape, specials)), text):
+      ids += self.sp.encode(text[pos:m.start()])
+      ids += [self.sp.piece_to_id(c) for c in m.group()]
+      pos = m.end()
+    return ids + self.sp.encode(text[pos:])
+
+  def encode_ordinary_array(self, text: str) -> np.ndarray:
+    return np.asarray(self.encode_ordinary(text), np.int32)
+
   def piece_to_id(self, piece: str) -> int:
     return self.sp.piece_to_id(piece)
 
@@ -114,6 +159,13 @@ class SentencePieceTokenizer:
     if os.path.abspath(path) != os.path.abspath(self.path):
       shutil.copyfile(self.path, path)
     return path
+
+
+def encode_ordinary(tokenizer, text: str) -> np.ndarray:
+  """int32 ids of raw training/evaluation text, special tokens in it read as ordinary text
+  (any tokenizer: those without `encode_ordinary_array` have no special tokens to match)."""
+  fn = getattr(tokenizer, "encode_ordinary_array", None) or tokenizer.encode_array
+  return np.asarray(fn(text), np.int32)
 
 
 def build(spec: str, texts: Sequence[str] | None = None):
@@ -157,7 +209,8 @@ def train_sentencepiece(inputs: Sequence[str], vocab_size: int, model_type: str,
                         max_sentence_length: int = 16384) -> str:
   """Trains a SentencePiece model on text files; returns the `.model` path.
 
-  `special_tokens` are reserved as user-defined symbols (e.g. [CLS] [SEP] [MASK]).
+  `special_tokens` are reserved as control symbols (e.g. [CLS] [SEP] [MASK]): their ids are
+  put in by the pipelines, and the same text in a corpus stays ordinary text.
   ids: 0 <pad>, 1 <unk>, 2 <s>, 3 </s> (eos), then the special tokens.
   """
   import sentencepiece as spm
@@ -171,7 +224,7 @@ def train_sentencepiece(inputs: Sequence[str], vocab_size: int, model_type: str,
       input=",".join(inputs), model_prefix=out_prefix, vocab_size=vocab_size,
       model_type=model_type, character_coverage=character_coverage,
       pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-      user_defined_symbols=",".join(special_tokens) if special_tokens else "",
+      control_symbols=",".join(special_tokens) if special_tokens else "",
       max_sentence_length=max_sentence_length, minloglevel=2,
       train_extremely_large_corpus=False, hard_vocab_limit=model_type != "char")
   return out_prefix + ".model"

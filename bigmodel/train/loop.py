@@ -206,9 +206,9 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
     data.tokenizer.save(workdir)
   n_params = state_lib.param_count(state.params)
   fpt = comp.flops_per_token()
-  peak, peak_how = flops.machine_peak(tc.peak_flops or None)
+  peak = flops.Peak.for_run(tc.peak_flops or None)
   print(f"model: {n_params:,} params, {fpt / 1e6:.2f} MFLOPs/token (PaLM 6N+12LHQT); "
-        f"mesh {dict(mesh.shape)}; peak {peak / 1e9:.1f} GFLOP/s {peak_how}", flush=True)
+        f"mesh {dict(mesh.shape)}; peak {peak.flops / 1e9:.1f} GFLOP/s ({peak.source})", flush=True)
 
   train_step, eval_step = comp.train_step(), comp.eval_step()
   writer = MetricWriter(workdir, tc.train_steps)
@@ -258,7 +258,7 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
           timed_steps += step - step_last
           timed_tokens, pending_tokens = timed_tokens + pending_tokens, 0
           t_last, step_last = now, step
-          record.update(step_time=dt, tokens_per_sec=tps, mfu=tps * fpt / peak)
+          record.update(step_time=dt, tokens_per_sec=tps, **peak.mfu_fields(tps * fpt))
         record.update(comp.objective.summarize({k[4:]: v for k, v in metrics.items()
                                                 if k.startswith("sum/")}))
         record.pop("perplexity", None)
@@ -287,10 +287,11 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
   summary = {"step": step, "params": n_params,
              "validation_loss": eval_record.get("loss"),
              "tokens_per_sec": timed_tokens / train_time if train_time else None,
-             "mfu": None, "peak_flops": peak, "peak_flops_source": peak_how,
+             "mfu": None, "peak_flops": peak.flops, "peak_flops_source": peak.source,
              "wall_time_s": time.time() - wall_start, "train_time_s": train_time}
   if summary["tokens_per_sec"]:
-    summary["mfu"] = summary["tokens_per_sec"] * fpt / peak
+    summary.update(peak.mfu_fields(summary["tokens_per_sec"] * fpt),
+                   peak_flops_source=peak.source)
   if tc.sample_len and jax.process_index() == 0:
     from bigmodel.infer import sample as sample_lib
     summary["sample"] = sample_lib.generate(comp.model, state.params, data.tokenizer,
