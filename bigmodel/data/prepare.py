@@ -202,7 +202,7 @@ def stream(docs: list[str], tokenizer, add_eos: bool) -> tuple[np.ndarray, np.nd
   eos = tokenizer.eos_id if add_eos else None
   pieces = []
   for doc in docs:
-    ids = np.asarray(tokenizer.encode_array(doc), np.int32)
+    ids = tokenizers.encode_ordinary(tokenizer, doc)   # raw text: no control tokens
     pieces.append(np.append(ids, np.int32(eos)) if eos is not None else ids)
   pieces = [p for p in pieces if len(p)]
   if not pieces:
