@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
   ft = sub.add_parser("finetune", help="fine-tune on a task (train with a recipe from "
                       "experiments/finetune/; TrainConfig.init_checkpoint names the start)")
   gin_args(ft)
+  for sp in (t, ft):
+    sp.add_argument("--allow_changed", default="", metavar="FIELD[,FIELD]",
+                    help="on resume, accept these changed run fields (batch_size, seq_len, seed, "
+                    "data_seed, data, vocab_size); the log says what happens to the data position")
   ev = sub.add_parser("evaluate", help="a fine-tuned run's task metrics -> JSON (accuracy and macro-F1, "
                       "entity F1, SQuAD EM/F1, perplexity, BLEU)")
   gin_args(ev)
@@ -160,10 +164,13 @@ def _setup_logging():
 
 def _load_config(args, bindings):
   from bigmodel import config
+  from bigmodel import storage
   files = list(args.gin_file)
   if not files and getattr(args, "workdir", None):
-    saved = os.path.join(args.workdir, "config.gin")
-    if os.path.exists(saved):
+    saved = storage.join(args.workdir, "config.gin")
+    if storage.is_remote(saved) and storage.exists(saved):
+      bindings = [storage.read_text(saved), *bindings]   # gin reads only local files
+    elif os.path.exists(saved):
       files = [saved]          # a run's own operative config: resume, eval, sample
     elif not bindings:
       raise config.ConfigError(f"{saved} does not exist: pass --gin_file, or a --workdir "
@@ -175,7 +182,8 @@ def cmd_train(args, bindings):
   from bigmodel import config
   from bigmodel.train import loop
   exp = _load_config(args, bindings)
-  summary = loop.train(exp, args.workdir, config.operative_config())
+  allow = [f for f in args.allow_changed.split(",") if f]
+  summary = loop.train(exp, args.workdir, config.operative_config(), allow_changed=allow)
   _print_summary(summary)
 
 
@@ -198,7 +206,8 @@ def cmd_evaluate(args, bindings):
   from bigmodel.evaluation import tasks
   exp = _load_config(args, bindings)
   result = tasks.evaluate(args.workdir, exp, args.eval_file)
-  tasks.write_json(result, args.out or os.path.join(args.workdir, "eval_metrics.json"))
+  from bigmodel import storage
+  tasks.write_json(result, args.out or storage.join(args.workdir, "eval_metrics.json"))
   print(json.dumps(result, indent=1))
 
 
@@ -369,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(rest)
   _fake_devices_for_compile(rest, args)
   _setup_logging()
+  from bigmodel import storage
+  storage.configure()    # the object-store settings its libraries read (bigmodel/storage.py)
   from bigmodel.config import ConfigError
   from bigmodel.data.sources import DataError
   from bigmodel.train.checkpoint import CheckpointError

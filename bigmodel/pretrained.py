@@ -15,7 +15,6 @@ rule table in `bigmodel.sharding`) on `mesh`: the one passed, else the mesh set 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -23,7 +22,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-from bigmodel import sharding
+from bigmodel import sharding, storage
 from bigmodel.config import MeshConfig, ModelConfig
 from bigmodel.interop import hf as hf_lib
 from bigmodel.interop.hf import param_shardings, place_params
@@ -149,12 +148,12 @@ class Pretrained:
 
 
 def _is_hf_dir(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "config.json"))
+  return storage.exists(storage.join(path, "config.json"))
 
 
 def _is_workdir(path: str) -> bool:
-  return os.path.exists(os.path.join(path, "config.gin")) and os.path.isdir(
-      os.path.join(path, "checkpoints"))
+  return storage.exists(storage.join(path, "config.gin")) and storage.isdir(
+      storage.join(path, "checkpoints"))
 
 
 def load_pretrained(path: str, *, mesh=None, allow_pickle: bool = False,
@@ -163,7 +162,7 @@ def load_pretrained(path: str, *, mesh=None, allow_pickle: bool = False,
   BertForMaskedLM, BertForPreTraining, GPT2LMHeadModel) or a bigmodel workdir (config.gin +
   checkpoints/, e.g. written by `bigmodel train` or `bigmodel convert from-hf`)."""
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise PretrainedError(f"{path!r} is not a directory: pass a Hugging Face checkpoint "
                           f"directory or a bigmodel workdir")
   mesh = default_mesh(mesh)
@@ -192,10 +191,12 @@ def _from_workdir(path, mesh) -> Pretrained:
   from bigmodel.data import tokenizers
   from bigmodel.train.checkpoint import CheckpointError
 
-  exp = config_lib.load([os.path.join(path, "config.gin")])
+  gin_path = storage.join(path, "config.gin")
+  exp = config_lib.load([], [storage.read_text(gin_path)]) if storage.is_remote(gin_path) else \
+      config_lib.load([gin_path])
   cfg = exp.model
-  ckpt_dir = os.path.abspath(os.path.join(path, "checkpoints"))
-  manager = ocp.CheckpointManager(ckpt_dir, item_handlers={
+  ckpt_dir = storage.absolute(storage.join(path, "checkpoints"))
+  manager = ocp.CheckpointManager(storage.epath(ckpt_dir), item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
   try:
     step = manager.latest_step()
@@ -231,10 +232,9 @@ def _from_workdir(path, mesh) -> Pretrained:
     manager.close()
   params = restored["state"]["params"]
   record = {}
-  record_path = os.path.join(path, "hf_import.json")
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      record = json.load(f)
+  record_path = storage.join(path, "hf_import.json")
+  if storage.exists(record_path):
+    record = storage.read_json(record_path)
   arch = record.get("architecture") if record.get("family") == family else None
   if arch is None or (family == "bert" and set(hf_lib.BERT_REQUIRED_HEADS[arch]) - {"pooler"}
                       - set(heads)):

@@ -30,13 +30,14 @@ tokenizer_config.json, special_tokens_map.json and the library's tokenizer.json.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 import tokenizers
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
+
+from bigmodel import storage
 
 WORDPIECE_FILES = ("vocab.txt",)
 BPE_FILES = ("vocab.json", "merges.txt")
@@ -47,10 +48,9 @@ class TokenizerFilesError(ValueError):
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return storage.read_json(path)
 
 
 def _token_str(value) -> str | None:
@@ -62,7 +62,7 @@ def _token_str(value) -> str | None:
 
 def _special(directory: str, name: str, default: str | None) -> str | None:
   for fname in ("tokenizer_config.json", "special_tokens_map.json"):
-    cfg = _read_json(os.path.join(directory, fname))
+    cfg = _read_json(storage.join(directory, fname))
     if name in cfg and cfg[name] is not None:
       return _token_str(cfg[name])
   return default
@@ -175,12 +175,10 @@ class _HFTokenizer:
     return out
 
   def _save_common(self, directory: str, config: dict) -> None:
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=1)
-    with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-      json.dump(self.specials, f, indent=1)
-    self.tok.save(os.path.join(directory, "tokenizer.json"))
+    storage.makedirs(directory)
+    storage.write_json(storage.join(directory, "tokenizer_config.json"), config)
+    storage.write_json(storage.join(directory, "special_tokens_map.json"), self.specials)
+    storage.write_text(storage.join(directory, "tokenizer.json"), self.tok.to_str(pretty=True))
 
 
 class WordPieceTokenizer(_HFTokenizer):
@@ -192,9 +190,10 @@ class WordPieceTokenizer(_HFTokenizer):
                unk_token: str = "[UNK]", sep_token: str = "[SEP]", pad_token: str = "[PAD]",
                cls_token: str = "[CLS]", mask_token: str = "[MASK]",
                max_input_chars_per_word: int = 100):
-    if not os.path.exists(vocab_file):
+    if not storage.exists(vocab_file):
       raise TokenizerFilesError(f"WordPiece vocabulary {vocab_file!r} does not exist")
-    vocab = models.WordPiece.read_file(vocab_file)
+    with storage.local_file(vocab_file) as local:
+      vocab = models.WordPiece.read_file(local)
     for name, piece in (("unk_token", unk_token), ("sep_token", sep_token),
                         ("cls_token", cls_token), ("pad_token", pad_token)):
       if piece not in vocab:
@@ -225,11 +224,11 @@ class WordPieceTokenizer(_HFTokenizer):
 
   @classmethod
   def from_directory(cls, directory: str) -> "WordPieceTokenizer":
-    cfg = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    cfg = _read_json(storage.join(directory, "tokenizer_config.json"))
     kw = {name: _special(directory, name, default) for name, default in
           (("unk_token", "[UNK]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"),
            ("cls_token", "[CLS]"), ("mask_token", "[MASK]"))}
-    return cls(os.path.join(directory, "vocab.txt"),
+    return cls(storage.join(directory, "vocab.txt"),
                do_lower_case=bool(cfg.get("do_lower_case", True)),
                strip_accents=cfg.get("strip_accents"),
                tokenize_chinese_chars=bool(cfg.get("tokenize_chinese_chars", True)), **kw)
@@ -252,14 +251,12 @@ class WordPieceTokenizer(_HFTokenizer):
     return e.ids, e.type_ids
 
   def save(self, directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, "vocab.txt")
+    path = storage.join(directory, "vocab.txt")
     vocab = self.tok.get_vocab(with_added_tokens=False)
     pieces = [None] * len(vocab)
     for piece, i in vocab.items():
       pieces[i] = piece
-    with open(path, "w", encoding="utf-8") as f:
-      f.write("".join(p + "\n" for p in pieces))
+    storage.write_text(path, "".join(p + "\n" for p in pieces))
     self._save_common(directory, {
         "tokenizer_class": "BertTokenizer", **self.options, **self.specials,
         "model_max_length": 512})
@@ -273,9 +270,10 @@ class ByteLevelBPETokenizer(_HFTokenizer):
   def __init__(self, vocab_file: str, merges_file: str, *, eos_token: str = "<|endoftext|>",
                add_prefix_space: bool = False):
     for path in (vocab_file, merges_file):
-      if not os.path.exists(path):
+      if not storage.exists(path):
         raise TokenizerFilesError(f"byte-level BPE file {path!r} does not exist")
-    vocab, merges = models.BPE.read_file(vocab_file, merges_file)
+    with storage.local_file(vocab_file) as v, storage.local_file(merges_file) as m:
+      vocab, merges = models.BPE.read_file(v, m)
     tok = tokenizers.Tokenizer(models.BPE(vocab, merges, continuing_subword_prefix="",
                                           end_of_word_suffix="", fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
@@ -292,33 +290,40 @@ class ByteLevelBPETokenizer(_HFTokenizer):
 
   @classmethod
   def from_directory(cls, directory: str) -> "ByteLevelBPETokenizer":
-    cfg = _read_json(os.path.join(directory, "tokenizer_config.json"))
-    return cls(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"),
+    cfg = _read_json(storage.join(directory, "tokenizer_config.json"))
+    return cls(storage.join(directory, "vocab.json"), storage.join(directory, "merges.txt"),
                eos_token=_special(directory, "eos_token", "<|endoftext|>"),
                add_prefix_space=bool(cfg.get("add_prefix_space", False)))
 
   def save(self, directory: str) -> str:
-    os.makedirs(directory, exist_ok=True)
-    # The BPE model writes vocab.json and merges.txt in the reference format.
-    self.tok.model.save(directory)
+    # The BPE model writes vocab.json and merges.txt in the reference format (to a local
+    # folder: on an object store, a temporary one that is then copied up).
+    if storage.is_remote(directory):
+      import tempfile
+      with tempfile.TemporaryDirectory() as tmp:
+        for name in self.tok.model.save(tmp):
+          storage.copy(name, storage.join(directory, os.path.basename(name)))
+    else:
+      storage.makedirs(directory)
+      self.tok.model.save(directory)
     self._save_common(directory, {
         "tokenizer_class": "GPT2Tokenizer", "add_prefix_space": self.add_prefix_space,
         **self.specials, "model_max_length": 1024})
-    return os.path.join(directory, "vocab.json")
+    return storage.join(directory, "vocab.json")
 
 
 def has_files(directory: str) -> bool:
   """Whether `directory` holds WordPiece or byte-level BPE vocabulary files."""
-  return (all(os.path.exists(os.path.join(directory, f)) for f in WORDPIECE_FILES) or
-          all(os.path.exists(os.path.join(directory, f)) for f in BPE_FILES))
+  return (all(storage.exists(storage.join(directory, f)) for f in WORDPIECE_FILES) or
+          all(storage.exists(storage.join(directory, f)) for f in BPE_FILES))
 
 
 def load(directory: str, kind: str | None = None):
   """The tokenizer whose files are in `directory`: `kind` 'wordpiece' or 'bpe', else detected."""
   if kind is None:
-    if os.path.exists(os.path.join(directory, "vocab.txt")):
+    if storage.exists(storage.join(directory, "vocab.txt")):
       kind = "wordpiece"
-    elif all(os.path.exists(os.path.join(directory, f)) for f in BPE_FILES):
+    elif all(storage.exists(storage.join(directory, f)) for f in BPE_FILES):
       kind = "bpe"
     else:
       raise TokenizerFilesError(

@@ -23,6 +23,7 @@ import json
 import os
 from typing import Sequence
 
+from bigmodel import storage
 from bigmodel.data.sources import DataError, tfds_examples
 
 FORMATS = ("tsv", "csv", "jsonl")
@@ -35,16 +36,16 @@ def resolve(path: str, data_dir: str = "") -> str:
   """A relative path that does not exist here is read under data_dir (`tfds:` specs stay)."""
   if path.startswith(TFDS_PREFIX):
     return path
-  if path and not os.path.isabs(path) and not os.path.exists(path) and data_dir:
-    return os.path.join(data_dir, path)
+  if path and not os.path.isabs(path) and not storage.is_remote(path) and \
+      not os.path.exists(path) and data_dir:
+    return storage.join(data_dir, path)
   return path
 
 
 def _read_text(path: str) -> str:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise DataError(f"{path}: no such file")
-  with open(path, encoding="utf-8-sig", newline="") as f:
-    text = f.read()
+  text = storage.read_text(path, encoding="utf-8-sig", newline="")
   if not text.strip():
     raise DataError(f"{path}: the file is empty")
   return text

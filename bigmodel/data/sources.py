@@ -10,12 +10,12 @@ documents by `DataConfig.documents`:
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import re
 from typing import Sequence
 
+from bigmodel import storage
 from bigmodel.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,12 @@ class DataError(ValueError):
 
 
 def _expand(pattern: str, data_dir: str) -> list[str]:
-  path = pattern if os.path.isabs(pattern) or not data_dir else os.path.join(data_dir, pattern)
-  path = os.path.expanduser(path)
+  explicit = os.path.isabs(pattern) or storage.is_remote(pattern) or not data_dir
+  path = pattern if explicit else storage.join(data_dir, pattern)
+  path = path if storage.is_remote(path) else os.path.expanduser(path)
   if any(ch in path for ch in "*?["):
-    return sorted(glob.glob(path))
-  return [path] if os.path.exists(path) else []
+    return storage.glob(path)
+  return [path] if storage.exists(path) else []
 
 
 def resolve_files(patterns: Sequence[str], data_dir: str, what: str = "DataConfig.files",
@@ -46,7 +47,7 @@ def resolve_files(patterns: Sequence[str], data_dir: str, what: str = "DataConfi
     (paths.extend(found) if found else missing.append(pattern))
   if not missing:
     return paths
-  explicit = [p for p in missing if os.path.isabs(os.path.expanduser(p))]
+  explicit = [p for p in missing if os.path.isabs(os.path.expanduser(p)) or storage.is_remote(p)]
   if allow_fallback and not explicit:
     log.warning("%s %s not found under data_dir=%r; falling back to TFDS", what, missing, data_dir)
     return None
@@ -57,8 +58,7 @@ def resolve_files(patterns: Sequence[str], data_dir: str, what: str = "DataConfi
 
 
 def read_text(path: str) -> str:
-  with open(path, encoding="utf-8-sig", newline=None) as f:   # newline=None: CRLF -> LF
-    return f.read()
+  return storage.read_text(path, encoding="utf-8-sig", newline=None)   # newline=None: CRLF -> LF
 
 
 _HEADING = re.compile(r"^ = [^=].* = $", re.M)

@@ -15,13 +15,14 @@ tokenizers, transformers' behaviour: see `hf_tokenizers`), for prompts and parit
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import re
-import shutil
 from typing import Protocol, Sequence
 
 import numpy as np
+
+from bigmodel import storage
 
 
 class Tokenizer(Protocol):
@@ -71,9 +72,8 @@ class CharTokenizer:
   encode_ordinary_array = encode_array
 
   def save(self, directory: str) -> str:
-    path = os.path.join(directory, "tokenizer.json")
-    with open(path, "w") as f:
-      json.dump({"type": "char", "chars": self.chars}, f)
+    path = storage.join(directory, "tokenizer.json")
+    storage.write_json(path, {"type": "char", "chars": self.chars}, indent=None)
     return path
 
 
@@ -95,20 +95,19 @@ class ByteTokenizer:
   encode_ordinary_array = encode_array
 
   def save(self, directory: str) -> str:
-    path = os.path.join(directory, "tokenizer.json")
-    with open(path, "w") as f:
-      json.dump({"type": "byte"}, f)
+    path = storage.join(directory, "tokenizer.json")
+    storage.write_json(path, {"type": "byte"}, indent=None)
     return path
 
 
 class SentencePieceTokenizer:
   def __init__(self, model_path: str):
     import sentencepiece as spm
-    if not os.path.exists(model_path):
+    if not storage.exists(model_path):
       raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist; train one with "
                               f"`bigmodel tokenizer train --input FILES --vocab_size N --out PREFIX`")
     self.path = model_path
-    self.sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(model_path))
     self.vocab_size = self.sp.get_piece_size()
     eos = self.sp.eos_id()
     self.eos_id = eos if eos >= 0 else None
@@ -155,9 +154,9 @@ class SentencePieceTokenizer:
     return self.sp.decode([int(i) for i in ids])
 
   def save(self, directory: str) -> str:
-    path = os.path.join(directory, "tokenizer.model")
-    if os.path.abspath(path) != os.path.abspath(self.path):
-      shutil.copyfile(self.path, path)
+    path = storage.join(directory, "tokenizer.model")
+    if storage.absolute(path) != storage.absolute(self.path):
+      storage.write_bytes(path, self.sp.serialized_model_proto())
     return path
 
 
@@ -177,7 +176,7 @@ def build(spec: str, texts: Sequence[str] | None = None):
     return CharTokenizer.fit(texts)
   if spec == "byte":
     return ByteTokenizer()
-  if os.path.isdir(spec):   # an imported model's WordPiece / byte-level BPE files
+  if storage.isdir(spec):   # an imported model's WordPiece / byte-level BPE files
     from bigmodel.data import hf_tokenizers
     return hf_tokenizers.load(spec)
   return SentencePieceTokenizer(spec)
@@ -185,18 +184,17 @@ def build(spec: str, texts: Sequence[str] | None = None):
 
 def load(directory: str):
   """The tokenizer a run saved into its workdir."""
-  sp_path = os.path.join(directory, "tokenizer.model")
-  if os.path.exists(sp_path):
+  sp_path = storage.join(directory, "tokenizer.model")
+  if storage.exists(sp_path):
     return SentencePieceTokenizer(sp_path)
-  if any(os.path.exists(os.path.join(directory, f)) for f in ("vocab.txt", "merges.txt")):
+  if any(storage.exists(storage.join(directory, f)) for f in ("vocab.txt", "merges.txt")):
     from bigmodel.data import hf_tokenizers   # an imported model's WordPiece / byte-level BPE
     return hf_tokenizers.load(directory)
-  path = os.path.join(directory, "tokenizer.json")
-  if not os.path.exists(path):
+  path = storage.join(directory, "tokenizer.json")
+  if not storage.exists(path):
     raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {directory!r}: "
                             f"is it the workdir of a `bigmodel train` run?")
-  with open(path) as f:
-    spec = json.load(f)
+  spec = storage.read_json(path)
   if spec["type"] == "char":
     return CharTokenizer(spec["chars"])
   if spec["type"] == "byte":
@@ -216,15 +214,28 @@ def train_sentencepiece(inputs: Sequence[str], vocab_size: int, model_type: str,
   import sentencepiece as spm
   if model_type not in ("unigram", "bpe", "char", "word"):
     raise ValueError(f"--model_type {model_type!r}: expected unigram, bpe or char")
-  missing = [p for p in inputs if not os.path.exists(p)]
+  missing = [p for p in inputs if not storage.exists(p)]
   if missing:
     raise FileNotFoundError(f"tokenizer input files do not exist: {missing}")
-  os.makedirs(os.path.dirname(os.path.abspath(out_prefix)), exist_ok=True)
-  spm.SentencePieceTrainer.train(
-      input=",".join(inputs), model_prefix=out_prefix, vocab_size=vocab_size,
-      model_type=model_type, character_coverage=character_coverage,
-      pad_id=0, unk_id=1, bos_id=2, eos_id=3,
-      control_symbols=",".join(special_tokens) if special_tokens else "",
-      max_sentence_length=max_sentence_length, minloglevel=2,
-      train_extremely_large_corpus=False, hard_vocab_limit=model_type != "char")
+  options = dict(vocab_size=vocab_size, model_type=model_type,
+                 character_coverage=character_coverage, pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+                 control_symbols=",".join(special_tokens) if special_tokens else "",
+                 max_sentence_length=max_sentence_length, minloglevel=2,
+                 train_extremely_large_corpus=False, hard_vocab_limit=model_type != "char")
+  if not any(storage.is_remote(p) for p in [*inputs, out_prefix]):
+    storage.makedirs(os.path.dirname(os.path.abspath(out_prefix)))
+    spm.SentencePieceTrainer.train(input=",".join(inputs), model_prefix=out_prefix, **options)
+    return out_prefix + ".model"
+  # Object storage: lines streamed in, the model (and its .vocab listing) written out.
+  def lines():
+    for path in inputs:
+      with storage.open(path, "r", encoding="utf-8") as f:
+        for line in f:
+          yield line.rstrip("\n")
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(sentence_iterator=lines(), model_writer=model, **options)
+  sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+  storage.write_bytes(out_prefix + ".model", model.getvalue())
+  storage.write_text(out_prefix + ".vocab", "".join(
+      f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size())))
   return out_prefix + ".model"

@@ -16,11 +16,11 @@ The label set is the run's: DataConfig.labels, else inferred again from its trai
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 
+from bigmodel import storage
 from bigmodel.data import finetune as ft_data
 from bigmodel.data import readers
 from bigmodel.data.sources import DataError
@@ -141,13 +141,10 @@ HANDLERS = {
 
 
 def write_json(obj, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=1)
+  storage.write_json(path, obj)
 
 
 def write_jsonl(rows, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
+  with storage.open(path, "w") as f:     # a local file's directory is made
     for r in rows:
       f.write(json.dumps(r) + "\n")

@@ -31,12 +31,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 from typing import Any, Callable
 
 import numpy as np
 
+from bigmodel import storage
 from bigmodel.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -89,19 +89,18 @@ class HFModel:
 
 def read_config(model_dir: str) -> dict:
   """config.json of an HF checkpoint directory, with a clear error when it is not one."""
-  if not os.path.isdir(model_dir):
+  if not storage.isdir(model_dir):
     raise HFCheckpointError(f"{model_dir!r} is not a directory: pass a Hugging Face checkpoint "
                             f"directory (config.json + model.safetensors)")
-  path = os.path.join(model_dir, "config.json")
-  if not os.path.exists(path):
+  path = storage.join(model_dir, "config.json")
+  if not storage.exists(path):
     raise HFCheckpointError(
         f"{model_dir!r} is not a Hugging Face checkpoint: it has no config.json (found: "
-        f"{sorted(os.listdir(model_dir))[:10]}). Download a model with "
+        f"{storage.listdir(model_dir)[:10]}). Download a model with "
         f"`hf download NAME --local-dir DIR` (huggingface_hub), or save one with "
         f"`model.save_pretrained(DIR)`")
   try:
-    with open(path) as f:
-      cfg = json.load(f)
+    cfg = storage.read_json(path)
   except json.JSONDecodeError as e:
     raise HFCheckpointError(f"{path} is not valid JSON: {e}") from None
   if not isinstance(cfg, dict):
@@ -416,21 +415,24 @@ def read_weights(model_dir: str, allow_pickle: bool = False) -> dict[str, np.nda
   from safetensors import safe_open
 
   def files_of(index_name: str, single: str) -> list[str] | None:
-    index = os.path.join(model_dir, index_name)
-    if os.path.exists(index):
-      with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-      return [os.path.join(model_dir, s) for s in shards]
-    path = os.path.join(model_dir, single)
-    return [path] if os.path.exists(path) else None
+    index = storage.join(model_dir, index_name)
+    if storage.exists(index):
+      shards = sorted(set(storage.read_json(index)["weight_map"].values()))
+      return [storage.join(model_dir, s) for s in shards]
+    path = storage.join(model_dir, single)
+    return [path] if storage.exists(path) else None
 
   tensors: dict[str, np.ndarray] = {}
   files = files_of(SAFETENSORS_INDEX, SAFETENSORS)
   if files:
     for path in files:
-      if not os.path.exists(path):
+      if not storage.exists(path):
         raise HFCheckpointError(f"{path} is listed in {SAFETENSORS_INDEX} but does not exist")
       try:
+        if storage.is_remote(path):    # read into memory: nothing lands on local disk
+          from safetensors.numpy import load
+          tensors.update(load(storage.read_bytes(path)))
+          continue
         with safe_open(path, framework="numpy") as f:
           for name in f.keys():
             tensors[name] = f.get_tensor(name)
@@ -441,7 +443,7 @@ def read_weights(model_dir: str, allow_pickle: bool = False) -> dict[str, np.nda
   if files:
     if not allow_pickle:
       raise HFCheckpointError(
-          f"{model_dir} has only {os.path.basename(files[0])}, a pickle: loading a pickle can run "
+          f"{model_dir} has only {storage.basename(files[0])}, a pickle: loading a pickle can run "
           f"arbitrary code. Convert it to safetensors, or pass --allow_pickle (allow_pickle=True) "
           f"if you trust its source")
     try:
@@ -450,13 +452,14 @@ def read_weights(model_dir: str, allow_pickle: bool = False) -> dict[str, np.nda
       raise HFCheckpointError(f"reading {files[0]} needs PyTorch (pip install torch); "
                               f"safetensors checkpoints do not") from None
     for path in files:
-      state = torch.load(path, map_location="cpu", weights_only=True)
+      with storage.open(path, "rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
       for name, t in state.items():
         t = t.detach()
         tensors[name] = (t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy())
     return tensors
   others = [f for f in ("tf_model.h5", "flax_model.msgpack", "model.ckpt.index") if
-            os.path.exists(os.path.join(model_dir, f))]
+            storage.exists(storage.join(model_dir, f))]
   raise HFCheckpointError(
       f"{model_dir} has a config.json but no {SAFETENSORS} (or {PICKLE})"
       + (f"; it has {others}, which bigmodel does not read: save the model with "
@@ -675,14 +678,17 @@ def write_hf(model: HFModel, out_dir: str, tokenizer=None) -> list[str]:
   from safetensors.numpy import save_file
   config = hf_config(model, tokenizer)
   tensors = convert_to_hf(model)
-  os.makedirs(out_dir, exist_ok=True)
-  paths = [os.path.join(out_dir, "config.json"), os.path.join(out_dir, SAFETENSORS)]
-  with open(paths[0], "w") as f:
-    json.dump(config, f, indent=2)
-  save_file(tensors, paths[1], metadata={"format": "pt"})
+  storage.makedirs(out_dir)
+  paths = [storage.join(out_dir, "config.json"), storage.join(out_dir, SAFETENSORS)]
+  storage.write_json(paths[0], config, indent=2)
+  if storage.is_remote(paths[1]):
+    from safetensors.numpy import save
+    storage.write_bytes(paths[1], save(tensors, metadata={"format": "pt"}))
+  else:
+    save_file(tensors, paths[1], metadata={"format": "pt"})
   if tokenizer is not None and hasattr(tokenizer, "kind"):
     tokenizer.save(out_dir)
-    paths.append(os.path.join(out_dir, "tokenizer.json"))
+    paths.append(storage.join(out_dir, "tokenizer.json"))
   elif tokenizer is not None:
     log.warning("the %s has no Hugging Face form (WordPiece or byte-level BPE): %s holds the "
                 "model without tokenizer files", type(tokenizer).__name__, out_dir)

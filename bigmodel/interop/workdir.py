@@ -14,12 +14,11 @@ decoder or a BERT-shaped encoder and writes config.json + model.safetensors (+ t
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 
 import numpy as np
 
+from bigmodel import storage
 from bigmodel.interop import hf as hf_lib
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def gin_text(model: hf_lib.HFModel, source: str, out_dir: str) -> str:
   objective = _objective_for(model)
   seq_len = min(cfg.max_len, 128 if model.family == "bert" else 256)
   lines.append(GIN_RUN.format(objective=objective, seq_len=seq_len,
-                              tokenizer=os.path.abspath(out_dir),
+                              tokenizer=storage.absolute(out_dir),
                               lr=2e-5 if model.family == "bert" else 1e-4,
                               optim=BERT_OPTIM if model.family == "bert" else ""))
   return "\n".join(lines)
@@ -93,22 +92,23 @@ def from_hf(model_dir: str, out_dir: str, *, allow_pickle: bool = False) -> dict
   from bigmodel.train.state import TrainState
 
   model = hf_lib.read_hf(model_dir, allow_pickle=allow_pickle)
-  ckpt_dir = os.path.join(out_dir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  ckpt_dir = storage.join(out_dir, "checkpoints")
+  if storage.listdir(ckpt_dir):
     raise checkpoint.CheckpointError(f"{out_dir} already holds checkpoints: choose a new --out")
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   tokenizer = None
   if hf_tokenizers.has_files(model_dir):
     tokenizer = hf_tokenizers.load(model_dir)
     tokenizer.save(out_dir)
   else:
     log.warning("%s has no vocab.txt or vocab.json + merges.txt: no tokenizer written", model_dir)
-  gin_path = os.path.join(out_dir, "config.gin")
-  with open(gin_path, "w") as f:
-    f.write(gin_text(model, model_dir, out_dir))
-  with open(os.path.join(out_dir, RECORD), "w") as f:
-    json.dump({"source": os.path.abspath(model_dir), **model.record()}, f, indent=1)
-  exp = config_lib.load([gin_path])
+  gin_path = storage.join(out_dir, "config.gin")
+  gin_config = gin_text(model, model_dir, out_dir)
+  storage.write_text(gin_path, gin_config)
+  storage.write_json(storage.join(out_dir, RECORD),
+                     {"source": storage.absolute(model_dir), **model.record()})
+  exp = config_lib.load([], [gin_config]) if storage.is_remote(gin_path) else \
+      config_lib.load([gin_path])
 
   mesh = sharding.make_mesh(exp.mesh)
   module = hf_lib.build_module(model.family, model.config, model.heads, mesh)
@@ -118,14 +118,14 @@ def from_hf(model_dir: str, out_dir: str, *, allow_pickle: bool = False) -> dict
   state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=opt_state)
   ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=False)
   ckpt.save(0, state, {"data_step": 0, "seed": exp.data.seed, "examples_seen": 0,
-                       "imported_from": os.path.abspath(model_dir),
+                       "imported_from": storage.absolute(model_dir),
                        "hf_architecture": model.architecture}, force=True)
   ckpt.wait()
   ckpt.close()
   n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(model.params))
   return {"architecture": model.architecture, "family": model.family, "params": n,
           "heads": list(model.heads), "tokenizer": type(tokenizer).__name__ if tokenizer else None,
-          "workdir": os.path.abspath(out_dir)}
+          "workdir": storage.absolute(out_dir)}
 
 
 def to_hf(workdir: str, out_dir: str) -> dict:
@@ -133,5 +133,5 @@ def to_hf(workdir: str, out_dir: str) -> dict:
   from bigmodel.pretrained import load_pretrained
   pre = load_pretrained(workdir)
   paths = pre.to_hf(out_dir)
-  return {"architecture": pre.architecture, "files": [os.path.basename(p) for p in paths],
-          "step": pre.step, "out": os.path.abspath(out_dir)}
+  return {"architecture": pre.architecture, "files": [storage.basename(p) for p in paths],
+          "step": pre.step, "out": storage.absolute(out_dir)}

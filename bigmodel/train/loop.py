@@ -5,17 +5,14 @@ step, restore, loop. Also eval of a finished run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 import time
 from typing import Any
 
 import jax
-import numpy as np
 
-from bigmodel import distributed, flops, models, objectives, optim, sharding
+from bigmodel import distributed, flops, models, objectives, optim, sharding, storage
 from bigmodel.config import ConfigError, Experiment
 from bigmodel.data import lm as lm_data
 from bigmodel.data import tokenizers
@@ -93,8 +90,8 @@ def _existing_tokenizer(workdir: str):
 
 def _init_workdir(path: str) -> str:
   """The workdir named by TrainConfig.init_checkpoint (it may name its checkpoints/ folder)."""
-  path = os.path.abspath(path.rstrip("/"))
-  return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+  path = storage.absolute(path.rstrip("/"))
+  return storage.dirname(path) if storage.basename(path) == "checkpoints" else path
 
 
 def load_params(workdir: str, abstract_params, init_params=None) -> tuple[Any, int]:
@@ -106,11 +103,11 @@ def load_params(workdir: str, abstract_params, init_params=None) -> tuple[Any, i
   lacks (mlm, nsp) are left in the checkpoint.
   """
   import orbax.checkpoint as ocp
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  directory = storage.join(workdir, "checkpoints")
+  if not storage.isdir(directory):
     raise checkpoint.CheckpointError(f"TrainConfig.init_checkpoint: no checkpoints in {directory}; "
                                      f"name the workdir of a finished `bigmodel train` run")
-  manager = ocp.CheckpointManager(directory, item_handlers={
+  manager = ocp.CheckpointManager(storage.epath(directory), item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
   try:
     step = manager.latest_step()
@@ -165,8 +162,9 @@ def evaluate(comp: Components, params, data, eval_step=None) -> dict:
   return comp.objective.summarize(sums)
 
 
-def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
-  """Trains (or resumes) in `workdir`; returns the final figures."""
+def train(exp: Experiment, workdir: str, config_str: str = "", allow_changed=()) -> dict:
+  """Trains (or resumes) in `workdir`; returns the final figures. `allow_changed`: run
+  identity fields (checkpoint.IDENTITY_FIELDS) a resume may change."""
   distributed.maybe_initialize()
   wall_start = time.time()
   tc = exp.train
@@ -174,11 +172,11 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
   mesh = sharding.make_mesh(exp.mesh)
   # Model, optimizer and shardings (cheap, abstract: fails fast on bad shapes).
   comp = Components.build(exp, mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep_checkpoints,
+  ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), tc.keep_checkpoints,
                                  tc.async_checkpoints)
-  latest = ckpt.latest_step()
-  if latest is not None:
-    ckpt.check_compatible(latest, comp.abstract)
+  identity = checkpoint.run_identity(exp)
+  restored = checkpoint.resume(ckpt, comp.abstract, identity, allow_changed)
+  latest = restored[2] if restored else None
   # Input (a resumed run, or one started from another run's params, keeps that run's tokenizer).
   init_dir = _init_workdir(tc.init_checkpoint) if tc.init_checkpoint and latest is None else None
   data = comp.build_data(_existing_tokenizer(workdir) if latest is not None else
@@ -186,7 +184,7 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
   _check_vocab(exp, data.tokenizer)
   # Params: restored, or initialized sharded.
   if latest is not None:
-    state, meta = ckpt.restore(latest, comp.abstract)
+    state, meta, _ = restored
     start = int(state.step)
     if meta.get("data_step", start) != start:
       raise TrainingError(f"checkpoint step {latest}: data position {meta.get('data_step')} != step {start}")
@@ -200,9 +198,8 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
       print(f"initialized params from {init_dir} step {init_step} (TrainConfig.init_checkpoint)",
             flush=True)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.gin"), "w") as f:
-      f.write(config_str)
+    storage.makedirs(workdir)
+    storage.write_text(storage.join(workdir, "config.gin"), config_str)
     data.tokenizer.save(workdir)
   n_params = state_lib.param_count(state.params)
   fpt = comp.flops_per_token()
@@ -227,7 +224,7 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
 
   def save(step, force=False):
     ckpt.save(step, state, {"data_step": step, "seed": exp.data.seed,
-                            "examples_seen": step * tc.batch_size}, force=force)
+                            "examples_seen": step * tc.batch_size, "run": identity}, force=force)
 
   step = start
   t_last, step_last = time.time(), start
@@ -298,8 +295,7 @@ def train(exp: Experiment, workdir: str, config_str: str = "") -> dict:
                                             tc.sample_prompt, tc.sample_len, exp.data.seq_len,
                                             temperature=0.8, top_k=0, seed=tc.seed)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump({k: v for k, v in summary.items()}, f, indent=1)
+    storage.write_json(storage.join(workdir, "summary.json"), summary)
   return summary
 
 
@@ -307,12 +303,14 @@ def restore_for_inference(workdir: str, exp: Experiment):
   """(components, params, tokenizer) of the latest checkpoint in a workdir."""
   mesh = sharding.make_mesh(exp.mesh)
   comp = Components.build(exp, mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  latest = ckpt.latest_step()
-  if latest is None:
+  ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), async_save=False)
+  try:
+    restored = ckpt.restore_latest(comp.abstract)   # read-only: unusable steps stay where they are
+  finally:
+    ckpt.close()
+  if restored is None:
     raise checkpoint.CheckpointError(f"no checkpoint in {workdir}/checkpoints: train first")
-  state, _ = ckpt.restore(latest, comp.abstract)
-  ckpt.close()
+  state, _, latest = restored
   return comp, state.params, tokenizers.load(workdir), latest
 
 

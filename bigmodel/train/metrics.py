@@ -1,17 +1,42 @@
 """Metric writers: metrics.jsonl, TensorBoard event files, and a console line with rate and ETA.
 
-Only process 0 writes; other processes get a writer that does nothing.
+Only process 0 writes; other processes get a writer that does nothing. Both files go
+through `bigmodel.storage`, so a gs:// workdir works: there metrics.jsonl is rewritten at
+most every `flush_secs` (object stores cannot append), and TensorBoard events go through
+a writer factory that tensorboardX looks up by URL scheme (registered, process-wide, by
+the first MetricWriter on that scheme).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
 
 import jax
 from rich.console import Console
+
+from bigmodel import storage
+
+
+class _StorageEventFiles:
+  """tensorboardX writer factory: event files as `storage.AppendFile`s."""
+
+  def __init__(self, flush_secs: float):
+    self.flush_secs = flush_secs
+
+  def open(self, path):
+    return storage.AppendFile(path, binary=True, flush_secs=self.flush_secs)
+
+  def directory_check(self, path):
+    storage.makedirs(path)
+
+
+def _tensorboard(logdir: str, flush_secs: float):
+  from tensorboardX import SummaryWriter, record_writer
+  if storage.is_remote(logdir):
+    record_writer.register_writer_factory(logdir.split("://")[0], _StorageEventFiles(flush_secs))
+  return SummaryWriter(logdir)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -22,7 +47,8 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class MetricWriter:
-  def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None):
+  def __init__(self, workdir: str, total_steps: int, enabled: bool | None = None,
+               flush_secs: float = 10.0):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.total_steps = total_steps
     self.start = time.time()
@@ -30,10 +56,9 @@ class MetricWriter:
     self._tb = None
     self._console = Console(highlight=False, soft_wrap=True)
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      storage.makedirs(workdir)
+      self._jsonl = storage.AppendFile(storage.join(workdir, "metrics.jsonl"), flush_secs=flush_secs)
+      self._tb = _tensorboard(storage.join(workdir, "tensorboard"), flush_secs)
 
   def write(self, record: dict) -> None:
     """One JSON object per call; scalars also go to TensorBoard, under `split/`."""
