@@ -30,6 +30,7 @@ test: install
 
 bench: install
 	$(VENV)/bin/bigmodel bench
+	$(VENV)/bin/bigmodel bench --loop
 
 clean:
 	rm -rf out $(VENV)

@@ -180,10 +180,16 @@ def _load_config(args, bindings):
 
 def cmd_train(args, bindings):
   from bigmodel import config
-  from bigmodel.train import loop
+  from bigmodel.infer.train_hooks import SampleAtEnd
+  from bigmodel.train import loop, preemption
   exp = _load_config(args, bindings)
   allow = [f for f in args.allow_changed.split(",") if f]
-  summary = loop.train(exp, args.workdir, config.operative_config(), allow_changed=allow)
+  summary = loop.train(exp, args.workdir, config.operative_config(), hooks=[SampleAtEnd()],
+                       allow_changed=allow)
+  if summary.get("preempted"):   # a checkpoint is saved: a requeue resumes from it
+    print(f"preempted: checkpoint at step {summary['step']} in {args.workdir}; exit status "
+          f"{preemption.EXIT_PREEMPTED} (requeue to resume)", flush=True)
+    return preemption.EXIT_PREEMPTED
   _print_summary(summary)
 
 
@@ -373,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, bindings = _split_gin_bindings(argv)
   if rest[:1] == ["bench"]:   # its own flags; it asks for fake devices before jax loads
+    if "--loop" in rest:      # the training loop against its own step (bigmodel/train/loop_bench.py)
+      from bigmodel.train import loop_bench
+      return loop_bench.main(rest[1:] + [f"--gin.{b}" for b in bindings])
     from bigmodel import bench
     return bench.main(rest[1:] + [f"--gin.{b}" for b in bindings])
   args = _parser().parse_args(rest)
@@ -384,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
   from bigmodel.data.sources import DataError
   from bigmodel.train.checkpoint import CheckpointError
   try:
-    COMMANDS[args.command](args, bindings)
+    code = COMMANDS[args.command](args, bindings)   # None: success
   except Exception as e:  # noqa: BLE001 - usage errors get a message, the rest its traceback
     loop = sys.modules.get("bigmodel.train.loop")   # not imported by sample/chat/serve (no TF)
     usage = (ConfigError, DataError, CheckpointError, FileNotFoundError)
@@ -392,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f"bigmodel {args.command}: error: {e}", file=sys.stderr, flush=True)
     return EXIT_USAGE
-  return 0
+  return code or 0
 
 
 if __name__ == "__main__":

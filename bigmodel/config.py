@@ -191,6 +191,13 @@ class TrainConfig:
                                     # the schedule still runs to train_steps on resume
   init_checkpoint: str = ""         # a workdir (or its checkpoints/) whose latest params start a
                                     # fresh run (params only: new optimizer state, step 0, data from 0)
+  # Bad steps (train/bad_steps.py): a non-finite loss or gradient, or a loss more than
+  # spike_zscore deviations above the mean of the last spike_window good losses, skips the update;
+  # max_bad_steps in a row stop the run (spike_zscore 0: only non-finite steps are bad;
+  # max_bad_steps 0: no guard at all, which resumes checkpoints written before it existed).
+  spike_window: int = 32
+  spike_zscore: float = 6.0
+  max_bad_steps: int = 5
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,17 @@ NO_DECAY_NAMES = ("bias", "scale", "norm")
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Linear warmup to the peak, then cosine, linear or constant decay."""
+  """Linear warmup to the peak, then cosine, linear or constant decay.
+
+  The rate of update t (counted from 0) is lr(t), so with warmup the first update uses
+  lr(0) = 0: it moves no weight (AdamW's decoupled weight decay is scaled by the rate too)
+  but it does feed the first gradient into Adam's moments. Kept on purpose, as MaxText's
+  warmup (linear from 0 at step 0) and optax's `warmup_cosine_decay_schedule` (init_value
+  0) do: a run reaches the peak exactly at `warmup_steps` as the config says, and schedules
+  stay comparable with those codebases step for step. The cost is one update in
+  `warmup_steps` (none without warmup: with `warmup_steps = 0` the first update uses the
+  peak rate). tests/test_loop.py pins both.
+  """
   peak, end = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_fraction
   warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
   decay_steps = max(total_steps - warmup, 1)

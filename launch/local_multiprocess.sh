@@ -4,8 +4,10 @@
 #
 #   launch/local_multiprocess.sh [-n NUM_PROCESSES] [-d DEVICES_PER_PROCESS] -- train --gin_file=... --workdir=DIR
 #
-# Process i logs to $LOG_DIR/proc_i.log (default: the current directory). PYTHON picks the
-# interpreter (default: .venv/bin/python, else python3).
+# Process i logs to $LOG_DIR/proc_i.log and writes its pid to $LOG_DIR/proc_i.pid (default: the
+# current directory). PYTHON picks the interpreter (default: .venv/bin/python, else python3).
+# A SIGTERM or SIGUSR1 to any of the processes makes all of them save a checkpoint at the same
+# step and exit 75; the script then exits 75 too (preempted: run it again to resume).
 set -euo pipefail
 NUM=2
 DEVICES=4
@@ -30,14 +32,27 @@ for ((i = 0; i < NUM; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${DEVICES}" \
     "$PYTHON" -m bigmodel "$@" >"$LOG_DIR/proc_${i}.log" 2>&1 &
   pids+=($!)
+  echo $! >"$LOG_DIR/proc_${i}.pid"
 done
 status=0
+preempted=0
 for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    echo "process $i failed; its log:" >&2
+  rc=0
+  wait "${pids[$i]}" || rc=$?
+  if [[ $rc -eq 75 ]]; then
+    preempted=$((preempted + 1))
+  elif [[ $rc -ne 0 ]]; then
+    echo "process $i failed (exit $rc); its log:" >&2
     tail -n 30 "$LOG_DIR/proc_${i}.log" >&2
     status=1
   fi
 done
+if [[ $status -eq 0 && $preempted -eq ${#pids[@]} ]]; then
+  tail -n 1 "$LOG_DIR/proc_0.log"
+  exit 75
+elif [[ $status -eq 0 && $preempted -gt 0 ]]; then
+  echo "only $preempted of ${#pids[@]} processes stopped for preemption" >&2
+  status=1
+fi
 [[ $status -eq 0 ]] && tail -n 3 "$LOG_DIR/proc_0.log"
 exit $status

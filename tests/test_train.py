@@ -1,10 +1,10 @@
 """Training end to end: exact resume (clean stop and kill -9), determinism, the CLI,
 multi-process, and bad input."""
 
-import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,13 +13,13 @@ import time
 import pytest
 
 from bigmodel import cli, config
-from bigmodel.train import loop
+from bigmodel.train import hooks, loop
 from tests.helpers import ROOT, cli as run_cli, gin_args, tiny_bindings, train_losses
 
 
-def _train(corpus, workdir, **kw):
+def _train(corpus, workdir, hooks=(), **kw):
   exp = config.load([], tiny_bindings(corpus, **kw))
-  return loop.train(exp, str(workdir), config.operative_config())
+  return loop.train(exp, str(workdir), config.operative_config(), hooks=hooks)
 
 
 def test_exact_resume_and_determinism(text_corpus, tmp_path):
@@ -30,11 +30,30 @@ def test_exact_resume_and_determinism(text_corpus, tmp_path):
   summary = _train(text_corpus, tmp_path / "b", **kw)            # resumes at step 4
   assert summary["step"] == 8
   _train(text_corpus, tmp_path / "c", **kw)
-  a, b, c = (train_losses(tmp_path / x) for x in "abc")
+  # SIGTERM during step 5 (from a hook of the caller's): a checkpoint at step 6, then resume
+  summary = _train(text_corpus, tmp_path / "d", hooks=[_SignalAt(5)], **kw)
+  assert summary["preempted"] and summary["step"] == 6
+  assert sorted(p.name for p in (tmp_path / "d" / "checkpoints").iterdir()) == ["2", "4", "6"]
+  assert _train(text_corpus, tmp_path / "d", **kw)["step"] == 8
+  a, b, c, d = (train_losses(tmp_path / x) for x in "abcd")
   assert sorted(a) == list(range(1, 9))
   assert a == b, "resumed run differs from the uninterrupted one"
   assert a == c, "two identical runs differ"
+  assert a == d, "run resumed after a preemption differs from the uninterrupted one"
   assert a[8] < a[1]
+
+
+class _SignalAt(hooks.Hook):
+  """Sends this process a SIGTERM after step `at`, as a scheduler would."""
+
+  def __init__(self, at):
+    self.at = at
+
+  def due(self, step, last):
+    return step == self.at
+
+  def __call__(self, run, step):
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def test_resume_after_kill_9_during_async_save(text_corpus, tmp_path):
@@ -102,24 +121,72 @@ def test_cli_end_to_end(text_corpus, tmp_path):
   assert text.startswith("the king") and len(text.strip()) > len("the king")
 
 
-def test_multiprocess_matches_single_process(text_corpus, tmp_path):
-  bindings = tiny_bindings(text_corpus, steps=6, **{"MeshConfig.data": 2, "MeshConfig.fsdp": 2,
-                                                    "MeshConfig.tensor": 2})
+def _launch(workdir, logs, bindings, wait=True):
+  env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(logs))
+  cmd = ["bash", "launch/local_multiprocess.sh", "-n", "2", "-d", "4", "--", "train",
+         f"--workdir={workdir}", *gin_args(bindings)]
+  if wait:
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def _steps_so_far(workdir) -> int:
+  try:
+    return max(train_losses(workdir) or [0])
+  except (OSError, ValueError):     # not there yet, or a line half written
+    return 0
+
+
+def test_multiprocess_matches_single_process_preempts_and_samples(text_corpus, tmp_path):
+  """2 processes x 4 devices: the same losses as one process; the end-of-run sample (every
+  process gathers the params, process 0 generates); a SIGTERM to one process at a random step
+  makes both save at the same next step and exit 75, and the resumed run's losses equal the
+  uninterrupted run's bitwise."""
+  import random
+  steps = 40
+  bindings = tiny_bindings(text_corpus, steps=steps, **{
+      "MeshConfig.data": 2, "MeshConfig.fsdp": 2, "MeshConfig.tensor": 2,
+      "TrainConfig.sample_len": 12, "TrainConfig.sample_prompt": "the king"})
   single = tmp_path / "single"
   run_cli(["train", f"--workdir={single}", *gin_args(bindings)])
   multi = tmp_path / "multi"
-  env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"))
-  proc = subprocess.run(["bash", "launch/local_multiprocess.sh", "-n", "2", "-d", "4", "--", "train",
-                         f"--workdir={multi}", *gin_args(bindings)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = _launch(multi, tmp_path / "logs", bindings)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   log0 = (tmp_path / "logs" / "proc_0.log").read_text()
   assert "'data': 2, 'fsdp': 2, 'tensor': 2" in log0
+  sample = json.loads((multi / "summary.json").read_text())["sample"]
+  assert sample.startswith("the king") and len(sample) > len("the king") and sample in log0
   a, b = train_losses(single), train_losses(multi)
-  assert sorted(a) == sorted(b) == list(range(1, 7))
+  assert sorted(a) == sorted(b) == list(range(1, steps + 1))
   for step in a:
     assert b[step] == pytest.approx(a[step], rel=1e-5)
-  assert (multi / "checkpoints" / "6").exists()
+  assert (multi / "checkpoints" / str(steps)).exists()
+
+  # preempted at a random step, then resumed
+  work, logs = tmp_path / "preempted", tmp_path / "plogs"
+  signal_at = random.Random().randint(3, 20)
+  proc = _launch(work, logs, bindings, wait=False)
+  deadline, sent = time.time() + 240, None
+  while time.time() < deadline and proc.poll() is None and sent is None:
+    done = _steps_so_far(work)
+    if done >= signal_at:
+      sent = done
+      os.kill(int((logs / "proc_1.pid").read_text()), signal.SIGTERM)   # one process only
+    time.sleep(0.005)
+  out, err = proc.communicate(timeout=240)
+  assert sent is not None, f"the run ended before step {signal_at}: {out} {err}"
+  assert proc.returncode == 75, f"signal after step {sent}: exit {proc.returncode}\n{out}\n{err}"
+  stops = {int(re.search(r"preempted: checkpoint at step (\d+)", (logs / f"proc_{i}.log").read_text())[1])
+           for i in (0, 1)}
+  assert len(stops) == 1, stops                   # both processes saved the same step
+  stop = stops.pop()
+  assert sent <= stop < steps
+  assert max(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == stop
+  proc = _launch(work, logs, bindings)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert f"resumed from {work / 'checkpoints'} step {stop}" in (logs / "proc_0.log").read_text()
+  assert train_losses(work) == b, "the preempted and resumed run differs from the uninterrupted one"
 
 
 # --- bad input: a clear message, a nonzero exit, and no checkpoint overwritten -------------

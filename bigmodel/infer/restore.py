@@ -8,14 +8,13 @@ the optimizer and a zero batch of the LM objectives' three model inputs) and res
 
 from __future__ import annotations
 
-import os
 
 import jax.numpy as jnp
 
-from bigmodel import models, optim, sharding
+from bigmodel import models, sharding, storage
 from bigmodel.config import ConfigError, Experiment
 from bigmodel.data import tokenizers
-from bigmodel.train import checkpoint, state as state_lib
+from bigmodel.train import bad_steps, checkpoint, state as state_lib
 
 DECODER_OBJECTIVES = ("causal_lm", "prompted_lm")
 
@@ -28,15 +27,15 @@ def restore_decoder(workdir: str, exp: Experiment, command: str = "sample"):
                       f"needs a causal_lm or prompted_lm run")
   mesh = sharding.make_mesh(exp.mesh)
   model = models.build("decoder", exp.model, mesh)
-  tx, _ = optim.make(exp.optim, exp.train.train_steps)
+  tx, _ = bad_steps.make_optimizer(exp)   # the state `bigmodel train` saved
   z = jnp.zeros((exp.train.batch_size // exp.train.microbatches, exp.data.seq_len), jnp.int32)
   abstract, _ = state_lib.state_shardings(model, tx, (z, z, z + 1), mesh)   # inputs, positions, segments
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), async_save=False)
   try:
-    latest = ckpt.latest_step()
-    if latest is None:
-      raise checkpoint.CheckpointError(f"no checkpoint in {workdir}/checkpoints: train first")
-    state, _ = ckpt.restore(latest, abstract)
+    restored = ckpt.restore_latest(abstract)   # read-only: unusable steps stay where they are
   finally:
     ckpt.close()
+  if restored is None:
+    raise checkpoint.CheckpointError(f"no checkpoint in {workdir}/checkpoints: train first")
+  state, _, latest = restored
   return model, state.params, tokenizers.load(workdir), latest

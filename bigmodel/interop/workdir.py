@@ -86,9 +86,9 @@ def _objective_for(model: hf_lib.HFModel) -> str:
 def from_hf(model_dir: str, out_dir: str, *, allow_pickle: bool = False) -> dict:
   """Imports an HF checkpoint into a bigmodel workdir; returns a summary."""
   import jax
-  from bigmodel import config as config_lib, optim, sharding
+  from bigmodel import config as config_lib, sharding
   from bigmodel.data import hf_tokenizers
-  from bigmodel.train import checkpoint
+  from bigmodel.train import checkpoint, loop
   from bigmodel.train.state import TrainState
 
   model = hf_lib.read_hf(model_dir, allow_pickle=allow_pickle)
@@ -113,7 +113,7 @@ def from_hf(model_dir: str, out_dir: str, *, allow_pickle: bool = False) -> dict
   mesh = sharding.make_mesh(exp.mesh)
   module = hf_lib.build_module(model.family, model.config, model.heads, mesh)
   params = hf_lib.place_params(model.params, module, mesh)
-  tx, _ = optim.make(exp.optim, exp.train.train_steps)
+  tx, _ = loop.make_optimizer(exp)     # the optimizer state `bigmodel train` resumes
   opt_state = jax.jit(tx.init)(params)
   state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params, opt_state=opt_state)
   ckpt = checkpoint.Checkpointer(ckpt_dir, async_save=False)

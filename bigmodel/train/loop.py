@@ -4,19 +4,21 @@ step, restore, loop. Also eval of a finished run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 
-from bigmodel import distributed, flops, models, objectives, optim, sharding, storage
+from bigmodel import distributed, flops, models, objectives, sharding, storage
 from bigmodel.config import ConfigError, Experiment
 from bigmodel.data import lm as lm_data
 from bigmodel.data import tokenizers
-from bigmodel.train import checkpoint, state as state_lib, step as step_lib
+from bigmodel.train import bad_steps, checkpoint, preemption, state as state_lib, step as step_lib
+from bigmodel.train import hooks as hooks_lib
 from bigmodel.train.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ class Components:
     sharding.check_batch(exp.train.batch_size, mesh, exp.train.microbatches)
     objective = objectives.get(exp.train.objective)
     model = models.build(objective.model, exp.model, mesh)
-    tx, lr = optim.make(exp.optim, exp.train.train_steps)
+    tx, lr = make_optimizer(exp)
     micro = exp.train.batch_size // exp.train.microbatches
     example = objective.example_batch(micro, exp.data.seq_len)
     abstract, state_sh = state_lib.state_shardings(model, tx, objective.model_args(example), mesh)
@@ -162,27 +164,28 @@ def evaluate(comp: Components, params, data, eval_step=None) -> dict:
   return comp.objective.summarize(sums)
 
 
-def train(exp: Experiment, workdir: str, config_str: str = "", allow_changed=()) -> dict:
-  """Trains (or resumes) in `workdir`; returns the final figures. `allow_changed`: run
-  identity fields (checkpoint.IDENTITY_FIELDS) a resume may change."""
-  distributed.maybe_initialize()
-  wall_start = time.time()
+# ----------------------------------------------------------------------------- set-up
+
+
+make_optimizer = bad_steps.make_optimizer   # the run's optimizer: OptimConfig's chain, guarded
+
+
+def setup(exp: Experiment, workdir: str, config_str: str = "", allow_changed=()) -> hooks_lib.Run:
+  """Mesh, components, input, and the state (restored, or initialized sharded); writes the
+  run's config.gin and tokenizer. Fails before any write on a workdir of another model."""
   tc = exp.train
-  # Mesh.
   mesh = sharding.make_mesh(exp.mesh)
-  # Model, optimizer and shardings (cheap, abstract: fails fast on bad shapes).
-  comp = Components.build(exp, mesh)
+  comp = Components.build(exp, mesh)        # abstract: fails fast on bad shapes
   ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), tc.keep_checkpoints,
                                  tc.async_checkpoints)
   identity = checkpoint.run_identity(exp)
   restored = checkpoint.resume(ckpt, comp.abstract, identity, allow_changed)
   latest = restored[2] if restored else None
-  # Input (a resumed run, or one started from another run's params, keeps that run's tokenizer).
+  # A resumed run, or one started from another run's params, keeps that run's tokenizer.
   init_dir = _init_workdir(tc.init_checkpoint) if tc.init_checkpoint and latest is None else None
   data = comp.build_data(_existing_tokenizer(workdir) if latest is not None else
                          _existing_tokenizer(init_dir) if init_dir else None)
   _check_vocab(exp, data.tokenizer)
-  # Params: restored, or initialized sharded.
   if latest is not None:
     state, meta, _ = restored
     start = int(state.step)
@@ -201,102 +204,216 @@ def train(exp: Experiment, workdir: str, config_str: str = "", allow_changed=())
     storage.makedirs(workdir)
     storage.write_text(storage.join(workdir, "config.gin"), config_str)
     data.tokenizer.save(workdir)
-  n_params = state_lib.param_count(state.params)
-  fpt = comp.flops_per_token()
-  peak = flops.Peak.for_run(tc.peak_flops or None)
+  last_step = min(tc.train_steps, tc.stop_after) if tc.stop_after else tc.train_steps
+  return hooks_lib.Run(comp, data, workdir, ckpt, MetricWriter(workdir, tc.train_steps), state,
+                       start, last_step, resumed=latest is not None, step=start,
+                       identity=identity)
+
+
+def prefetch_to_device(batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
+  """Keeps `size` batches' host-to-device copies in flight ahead of the step (flax.jax_utils.
+  prefetch_to_device's double buffering, for global arrays already on their sharding): each
+  copy is issued a step or two before the step that reads it, and the loop never waits on one."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(batch)
+    if len(queue) > size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
+
+
+def device_batches(run: hooks_lib.Run, size: int = 2) -> Iterator[dict]:
+  """The run's train batches from its start step, as global arrays, prefetched to device."""
+  mesh, tc = run.comp.mesh, run.exp.train
+  host_rows = sharding.host_batch_slice(mesh, tc.batch_size)
+  ds = run.data.train_batches(tc.batch_size, run.start, host_rows)
+  return prefetch_to_device(lm_data.global_iterator(ds, sharding.batch_sharding(mesh)), size)
+
+
+# ----------------------------------------------------------------------------- the step loop
+
+
+def run_steps(run: hooks_lib.Run, train_step, batches: Iterator[dict], hooks) -> None:
+  """Steps start+1 .. last_step, each followed by the hooks that are due; stops early when a
+  hook sets `run.preempted`. Nothing here waits on the device except the first step (so
+  that compiling is not timed): metrics are read by the hooks that need them."""
+  for step in range(run.start + 1, run.last_step + 1):
+    batch = next(batches)
+    run.state, run.metrics = train_step(run.state, batch)
+    run.step = step
+    if step == run.start + 1:
+      jax.block_until_ready(run.metrics)
+      run.timer.start(step)
+    else:
+      run.timer.add(batch_tokens(batch))
+    for hook in hooks:
+      if hook.due(step, run.last_step):
+        hook(run, step)
+    if run.preempted:
+      return
+
+
+def train(exp: Experiment, workdir: str, config_str: str = "", hooks=(), prefetch: int = 2,
+          allow_changed=()) -> dict:
+  """Trains (or resumes) in `workdir`; returns the final figures (with "preempted": True when
+  a SIGTERM/SIGUSR1 stopped it after a checkpoint). `hooks`: the caller's own (hooks.Hook),
+  run after the loop's; their `end` sees the run after its final save and eval. `prefetch`:
+  batches copied to device ahead of the step (0: each when the step asks for it).
+  `allow_changed`: run identity fields (checkpoint.IDENTITY_FIELDS) a resume may change."""
+  distributed.maybe_initialize()
+  wall_start = time.time()
+  run = setup(exp, workdir, config_str, allow_changed)
+  n_params = state_lib.param_count(run.state.params)
+  fpt = run.comp.flops_per_token()
+  peak = flops.Peak.for_run(exp.train.peak_flops or None)
   print(f"model: {n_params:,} params, {fpt / 1e6:.2f} MFLOPs/token (PaLM 6N+12LHQT); "
-        f"mesh {dict(mesh.shape)}; peak {peak.flops / 1e9:.1f} GFLOP/s ({peak.source})", flush=True)
+        f"mesh {dict(run.comp.mesh.shape)}; peak {peak.flops / 1e9:.1f} GFLOP/s ({peak.source})",
+        flush=True)
+  own = [MetricsHook(exp.train, peak, fpt), EvalHook(exp.train.eval_every, run.comp.eval_step()),
+         CheckpointHook(exp.train.checkpoint_every)]
+  try:
+    with preemption.Preemption() as pre:
+      run_steps(run, run.comp.train_step(), device_batches(run, prefetch), own + [PreemptionHook(pre)]
+                + list(hooks))
+      for hook in own:
+        hook.end(run)
+  finally:
+    run.ckpt.wait()
+    run.ckpt.close()
+    run.writer.close()
+  run.summary = {"step": run.step, "params": n_params,
+                 "validation_loss": run.eval_record.get("loss"),
+                 "tokens_per_sec": run.timer.tokens_per_sec, "mfu": None,
+                 "peak_flops": peak.flops, "peak_flops_source": peak.source,
+                 "wall_time_s": time.time() - wall_start, "train_time_s": run.timer.total_s}
+  if run.summary["tokens_per_sec"]:
+    run.summary.update(peak.mfu_fields(run.summary["tokens_per_sec"] * fpt),
+                       peak_flops_source=peak.source)
+  if run.preempted:
+    run.summary["preempted"] = True
+  for hook in hooks:
+    hook.end(run)
+  if jax.process_index() == 0:
+    storage.write_json(storage.join(workdir, "summary.json"), run.summary)
+  return run.summary
 
-  train_step, eval_step = comp.train_step(), comp.eval_step()
-  writer = MetricWriter(workdir, tc.train_steps)
-  batch_sh = sharding.batch_sharding(mesh)
-  eval_record: dict = {}
 
-  def run_eval(step):
-    nonlocal eval_record
-    result = evaluate(comp, state.params, data, eval_step)
-    eval_record = {"step": step, "split": "validation", **result}
-    writer.write(eval_record)
+# ----------------------------------------------------------------------------- the loop's hooks
+
+
+def check_bad_steps(run: hooks_lib.Run, m: dict, step: int) -> None:
+  """Raises TrainingError once TrainConfig.max_bad_steps bad steps came in a row (`m`: fetched
+  metrics of `step`). The guard has kept the params of the last good step: any checkpoint
+  holds finite values."""
+  tc = run.exp.train
+  if "bad_run" not in m or int(m["bad_run"]) < tc.max_bad_steps:
+    return
+  raise TrainingError(
+      f"step {step}: {tc.max_bad_steps} bad steps in a row, the last one {bad_steps.describe(m['bad_reason'])} "
+      f"({int(m['bad_steps'])} skipped in this run); no update was applied since and the last "
+      f"checkpoint (step {run.saved_step or 'none'}) holds good params. Lower "
+      f"OptimConfig.learning_rate, check the data near these steps, or raise "
+      f"TrainConfig.spike_zscore (now {tc.spike_zscore}) / max_bad_steps")
+
+
+class MetricsHook(hooks_lib.Hook):
+  """At log steps (and the last): fetches the step's metrics, times the steps since the last
+  log, checks for bad steps, and writes metrics.jsonl / TensorBoard / the console line."""
+
+  def __init__(self, tc, peak: flops.Peak, flops_per_token: float):
+    self.every, self.peak, self.fpt = tc.log_every, peak, flops_per_token
+
+  def due(self, step, last):
+    return step % self.every == 0 or step == last
+
+  def __call__(self, run, step):
+    m = jax.device_get(run.metrics)
+    record = {"step": step, **{k: float(m[k]) for k in ("loss", "learning_rate", "grad_norm",
+                                                         "param_norm")}}
+    lap = run.timer.lap(step)
+    if lap:
+      record.update(step_time=lap[0], tokens_per_sec=lap[1],
+                    **self.peak.mfu_fields(lap[1] * self.fpt))
+    record.update(run.comp.objective.summarize({k[4:]: v for k, v in m.items()
+                                                if k.startswith("sum/")}))
+    record.pop("perplexity", None)
+    if "bad_steps" in m:
+      record["bad_steps"] = int(m["bad_steps"])
+    check_bad_steps(run, m, step)
+    if "bad_steps" not in m and not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
+      raise TrainingError(f"step {step}: loss {record['loss']}, grad norm {record['grad_norm']}"
+                          f" is not finite; lower OptimConfig.learning_rate or check the data")
+    run.writer.write(record)
+    run.writer.console(step, record, run.start)
+
+
+class EvalHook(hooks_lib.Hook):
+  """Validation every `every` steps and at the end (not timed as training)."""
+
+  def __init__(self, every: int, eval_step):
+    self.every, self.eval_step = every, eval_step
+
+  def __call__(self, run, step):
+    jax.block_until_ready(run.state.step)
+    run.timer.lap(step)
+    result = evaluate(run.comp, run.state.params, run.data, self.eval_step)
+    run.eval_record = {"step": step, "split": "validation", **result}
+    run.writer.write(run.eval_record)
     if jax.process_index() == 0:
       details = ", ".join(f"{k} {v:.4f}" for k, v in result.items()
                           if k != "loss" and isinstance(v, float))
       print(f"eval step {step}: validation loss {result['loss']:.4f} ({details})", flush=True)
+    run.timer.start(step)
 
-  def save(step, force=False):
-    ckpt.save(step, state, {"data_step": step, "seed": exp.data.seed,
-                            "examples_seen": step * tc.batch_size, "run": identity}, force=force)
+  def end(self, run):
+    if not run.preempted:
+      self(run, run.step)
 
-  step = start
-  t_last, step_last = time.time(), start
-  train_time, timed_steps = 0.0, 0   # excludes the compiling first step, evals and saves
-  timed_tokens, pending_tokens = 0, 0   # tokens of the timed steps; of those since t_last
-  host_rows = sharding.host_batch_slice(mesh, tc.batch_size)
-  batches = lm_data.global_iterator(data.train_batches(tc.batch_size, start, host_rows), batch_sh)
-  last_step = min(tc.train_steps, tc.stop_after) if tc.stop_after else tc.train_steps
-  try:
-    for step in range(start + 1, last_step + 1):
-      batch = next(batches)
-      state, metrics = train_step(state, batch)
-      if step == start + 1:
-        jax.block_until_ready(metrics)
-        t_last, step_last = time.time(), step
-      else:
-        pending_tokens += batch_tokens(batch)
-      if step % tc.log_every == 0 or step == last_step:
-        metrics = jax.device_get(metrics)
-        record = {"step": step, "loss": float(metrics["loss"]),
-                  "learning_rate": float(metrics["learning_rate"]),
-                  "grad_norm": float(metrics["grad_norm"]), "param_norm": float(metrics["param_norm"])}
-        if step > step_last:
-          now = time.time()
-          dt = (now - t_last) / (step - step_last)
-          tps = pending_tokens / (now - t_last)
-          train_time += now - t_last
-          timed_steps += step - step_last
-          timed_tokens, pending_tokens = timed_tokens + pending_tokens, 0
-          t_last, step_last = now, step
-          record.update(step_time=dt, tokens_per_sec=tps, **peak.mfu_fields(tps * fpt))
-        record.update(comp.objective.summarize({k[4:]: v for k, v in metrics.items()
-                                                if k.startswith("sum/")}))
-        record.pop("perplexity", None)
-        if not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
-          raise TrainingError(f"step {step}: loss {record['loss']}, grad norm {record['grad_norm']}"
-                              f" is not finite; lower OptimConfig.learning_rate or check the data")
-        writer.write(record)
-        writer.console(step, record, start)
-      if tc.eval_every and step % tc.eval_every == 0 and step != last_step:
-        jax.block_until_ready(state.step)
-        train_time += time.time() - t_last
-        timed_steps += step - step_last
-        timed_tokens, pending_tokens = timed_tokens + pending_tokens, 0
-        run_eval(step)
-        t_last, step_last = time.time(), step
-      if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step != last_step:
-        save(step)
-    if step > start or latest is None:
-      save(step, force=True)
-    run_eval(step)
-  finally:
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
 
-  summary = {"step": step, "params": n_params,
-             "validation_loss": eval_record.get("loss"),
-             "tokens_per_sec": timed_tokens / train_time if train_time else None,
-             "mfu": None, "peak_flops": peak.flops, "peak_flops_source": peak.source,
-             "wall_time_s": time.time() - wall_start, "train_time_s": train_time}
-  if summary["tokens_per_sec"]:
-    summary.update(peak.mfu_fields(summary["tokens_per_sec"] * fpt),
-                   peak_flops_source=peak.source)
-  if tc.sample_len and jax.process_index() == 0:
-    from bigmodel.infer import sample as sample_lib
-    summary["sample"] = sample_lib.generate(comp.model, state.params, data.tokenizer,
-                                            tc.sample_prompt, tc.sample_len, exp.data.seq_len,
-                                            temperature=0.8, top_k=0, seed=tc.seed)
-  if jax.process_index() == 0:
-    storage.write_json(storage.join(workdir, "summary.json"), summary)
-  return summary
+def save(run: hooks_lib.Run, step: int, force: bool = False) -> None:
+  """A checkpoint of the run's state at `step`, with the data position (never after the
+  bad-step guard has stopped updating: check_bad_steps raises first)."""
+  if run.saved_step == step:
+    return
+  check_bad_steps(run, jax.device_get(bad_steps.step_metrics(run.state.opt_state)), step)
+  tc = run.exp.train
+  run.ckpt.save(step, run.state, {"data_step": step, "seed": run.exp.data.seed,
+                                  "examples_seen": step * tc.batch_size, "run": run.identity},
+                force=force)
+  run.saved_step = step
+
+
+class CheckpointHook(hooks_lib.Hook):
+  """A checkpoint every `every` steps and always at the end (of a run that stepped, or a new
+  run with no step to take)."""
+
+  def __init__(self, every: int):
+    self.every = every
+
+  def __call__(self, run, step):
+    save(run, step)
+
+  def end(self, run):
+    if run.step > run.start or not run.resumed:
+      save(run, run.step, force=True)
+
+
+class PreemptionHook(hooks_lib.Hook):
+  """Asks after every step whether all processes reached the preemption step; there, saves
+  and stops the loop (train() returns with "preempted", the CLI exits EXIT_PREEMPTED)."""
+
+  def __init__(self, pre: preemption.Preemption):
+    self.pre = pre
+
+  def due(self, step, last):
+    return self.pre.reached(step) and step != last
+
+  def __call__(self, run, step):
+    log.warning("preemption signal: saving a checkpoint at step %d and stopping", step)
+    save(run, step, force=True)
+    run.ckpt.wait()
+    run.preempted = True
 
 
 def restore_for_inference(workdir: str, exp: Experiment):

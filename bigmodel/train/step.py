@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from bigmodel import sharding
+from bigmodel.train import bad_steps
 from bigmodel.train.state import TrainState
 
 
@@ -26,7 +27,9 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
                     seed: int = 0) -> Callable:
   """(state, batch) -> (state, metrics). `loss_fn(model, params, batch, deterministic, rngs)`
   returns (summed loss, aux with a summed `weight`); the step divides by the total weight,
-  so k microbatches give the same update as one k-times-larger batch."""
+  so k microbatches give the same update as one k-times-larger batch. With a bad-step guard
+  around `tx` (train/bad_steps.py) the update sees the mean loss and the metrics carry the
+  guard's counters; the step stays one jitted function with the state donated."""
 
   def grads_of(params, batch, rng):
     def f(p):
@@ -50,13 +53,18 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
       ((loss_sum, aux), grads), _ = jax.lax.scan(body, init, (jnp.arange(microbatches), micro))
     weight = jnp.maximum(aux["weight"], 1.0)
     grads = jax.tree.map(lambda g: g / weight, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    loss = loss_sum / weight
+    if bad_steps.is_guarded(state.opt_state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+    else:
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        "loss": loss_sum / weight,
+        "loss": loss,
         "grad_norm": optax.tree.norm(grads),
         "param_norm": optax.tree.norm(params),
         "learning_rate": lr_schedule(state.step),
+        **bad_steps.step_metrics(opt_state),
     }
     metrics.update({f"sum/{k}": v for k, v in aux.items()})   # the objective summarizes these
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
