@@ -11,7 +11,7 @@ export TF_ENABLE_ONEDNN_OPTS := 0
 EXTRAS ?= test
 PYTEST_ARGS ?= -n 2 --durations=15
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 install: $(VENV)/.installed-$(EXTRAS)
 
@@ -27,6 +27,10 @@ demo: install
 
 test: install
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The suite without its end-to-end tests (marked `slow`), for quick local runs; CI runs `make test`.
+test-fast: install
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(PY) -m pytest -q $(PYTEST_ARGS) -m "not slow" tests
 
 bench: install
 	$(VENV)/bin/bigmodel bench

@@ -47,3 +47,31 @@ def _fresh_gin():
   gin.clear_config()
   yield
   gin.clear_config()
+
+
+# End-to-end tests (training runs, CLI processes, servers, big AOT compiles) in files that do
+# not mark themselves: `make test-fast` deselects every `slow` test, `make test` runs them all.
+# A file name maps to the tests it marks (None: the whole file).
+_SLOW_TESTS = {
+    "test_bert_e2e.py": None,
+    "test_train.py": ("test_exact_resume_and_determinism", "test_resume_after_kill_9_during_async_save",
+                      "test_cli_end_to_end", "test_multiprocess_matches_single_process_preempts_and_samples"),
+    "test_bench.py": ("test_bench_json_schema_with_baseline", "test_bench_command_fake_devices"),
+    "test_infer.py": ("test_server", "test_chat_through_the_cli"),
+    "test_shards.py": ("test_cli_prepare_then_train", "test_gs_prepare_and_stream_on_the_emulator"),
+    "test_aot_and_tools.py": ("test_every_recipe_compiles_ahead_of_time",),
+    "test_storage.py": None,
+    "test_resume.py": None,
+    "test_serve.py": None,
+    "test_loop.py": ("test_bad_steps_in_a_row_stop_the_run_with_finite_checkpoints",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if item.path.name not in _SLOW_TESTS:
+      continue
+    names = _SLOW_TESTS[item.path.name]
+    if names is None or getattr(item, "originalname", item.name) in names:
+      item.add_marker(pytest.mark.slow)

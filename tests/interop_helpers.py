@@ -112,3 +112,20 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
   for k in a:
     assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
     assert a[k].tobytes() == b[k].tobytes(), f"{k} differs"
+
+
+_CONVERTED: dict = {}
+
+
+def converted_bert(tmp_path_factory) -> str:
+  """`bigmodel convert from-hf` of a tiny BertForPreTraining (bert_dir's defaults), run once per
+  test process and shared read-only by the modules that fine-tune from it."""
+  base = str(tmp_path_factory.getbasetemp())
+  if base not in _CONVERTED:
+    from bigmodel import cli
+    tmp = tmp_path_factory.mktemp("converted_bert")
+    src = bert_dir(str(tmp / "hf"))
+    work = str(tmp / "work")
+    assert cli.main(["convert", "from-hf", "--model_dir", src, "--out", work]) == 0
+    _CONVERTED[base] = work
+  return _CONVERTED[base]

@@ -7,6 +7,8 @@ import pytest
 from bigmodel import aot, config
 from bigmodel.config import MeshConfig
 
+pytestmark = pytest.mark.slow      # compiles BERT-Large
+
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / "experiments"
 
 

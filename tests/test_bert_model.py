@@ -43,8 +43,17 @@ def _batch(seed=0, b=8, s=16, p=4):
           "next_sentence_weights": np.ones(b, np.float32)}
 
 
+_PARAMS = {}
+
+
 def _init(cfg, batch):
-  return nn.meta.unbox(Encoder(cfg).init(jax.random.key(0), *bert.model_args(batch))["params"])
+  """Initial params: compiled once (not op by op) and shared by the tests of one config; they
+  depend on the config and the batch's shapes only."""
+  key = (repr(cfg), tuple((k, np.shape(v)) for k, v in sorted(batch.items())))
+  if key not in _PARAMS:
+    init = jax.jit(Encoder(cfg).init)
+    _PARAMS[key] = nn.meta.unbox(init(jax.random.key(0), *bert.model_args(batch))["params"])
+  return _PARAMS[key]
 
 
 def _loss(cfg, params, batch, **kw):
@@ -95,10 +104,11 @@ def test_padding_does_not_leak():
   cfg = config.ModelConfig(**CFG)
   batch = _batch()
   params = _init(cfg, batch)
-  out = Encoder(cfg).apply({"params": params}, *bert.model_args(batch))
+  apply = jax.jit(Encoder(cfg).apply)
+  out = apply({"params": params}, *bert.model_args(batch))
   changed = dict(batch)
   changed["input_ids"] = np.where(batch["input_mask"] == 1, batch["input_ids"], 17).astype(np.int32)
-  out2 = Encoder(cfg).apply({"params": params}, *bert.model_args(changed))
+  out2 = apply({"params": params}, *bert.model_args(changed))
   real = batch["input_mask"] == 1
   np.testing.assert_allclose(np.asarray(out2["hidden"])[real], np.asarray(out["hidden"])[real], atol=1e-5)
   np.testing.assert_allclose(out2["mlm_logits"], out["mlm_logits"], atol=1e-5)
@@ -134,8 +144,8 @@ def test_loss_is_mlm_mean_plus_nsp_mean():
   cfg = config.ModelConfig(**CFG)
   batch = _batch()
   params = _init(cfg, batch)
-  loss, aux = _loss(cfg, params, batch)
-  out = Encoder(cfg).apply({"params": params}, *bert.model_args(batch))
+  loss, aux = jax.jit(lambda p, b: _loss(cfg, p, b))(params, batch)   # compiled, not op by op
+  out = jax.jit(Encoder(cfg).apply)({"params": params}, *bert.model_args(batch))
   w = batch["masked_lm_weights"]
   mlm = optax.softmax_cross_entropy_with_integer_labels(out["mlm_logits"], batch["masked_lm_ids"])
   nsp = optax.softmax_cross_entropy_with_integer_labels(out["nsp_logits"], batch["next_sentence_labels"])

@@ -37,11 +37,7 @@ def _sentiment(path, n, seed):
 
 @pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("init")
-  src = H.bert_dir(str(tmp / "hf"))          # BertForPreTraining: mlm/nsp heads get dropped
-  work = str(tmp / "work")
-  assert cli.main(["convert", "from-hf", "--model_dir", src, "--out", work]) == 0
-  return work
+  return H.converted_bert(tmp_path_factory)   # BertForPreTraining: mlm/nsp heads get dropped
 
 
 def test_encode_pairs_truncates_and_counts(tiny_init):
@@ -62,16 +58,18 @@ def test_pooling_choices_differ_and_mean_ignores_padding():
   outs = {}
   for pooling in ("cls", "mean"):
     m = EncoderClassifier(cfg.__class__(**{**cfg.__dict__, "pooling": pooling}))
-    p = m.init(jax.random.key(0), ids, None, mask)["params"]
+    p = jax.jit(m.init)(jax.random.key(0), ids, None, mask)["params"]
     assert set(p) >= {"embed", "blocks", "pooler", "classifier"} and "mlm" not in p
-    outs[pooling] = m.apply({"params": p}, ids, None, mask)
+    apply = jax.jit(m.apply)                   # one compile for both calls, not op by op
+    outs[pooling] = apply({"params": p}, ids, None, mask)
     assert outs[pooling].shape == (1, 3)
     # padding tokens change nothing
-    other = m.apply({"params": p}, ids.at[0, 4:].set(7), None, mask)
+    other = apply({"params": p}, ids.at[0, 4:].set(7), None, mask)
     np.testing.assert_allclose(other, outs[pooling], atol=1e-5)
   assert not np.allclose(outs["cls"], outs["mean"])
 
 
+@pytest.mark.slow
 def test_finetune_evaluate_predict_cli(tiny_init, tmp_path, capsys):
   train = _sentiment(tmp_path / "train.tsv", 200, 0)
   dev = _sentiment(tmp_path / "dev.tsv", 40, 1)

@@ -27,24 +27,25 @@ CFG = ModelConfig(vocab_size=257, d_model=16, num_layers=2, num_heads=2, max_len
 
 def test_decoder_classifier_reads_the_last_real_token_and_shares_the_gpt_tree():
   model = DecoderClassifier(CFG)
+  apply = jax.jit(model.apply)                 # compiled once for its three calls, not op by op
   ids = jnp.array([[5, 6, 7, 256, 0, 0], [9, 256, 0, 0, 0, 0]])
   mask = (jnp.arange(6)[None] < jnp.array([[4], [2]])).astype(jnp.int32)
-  params = nn.unbox(model.init(jax.random.key(0), ids, None, mask)["params"])
-  gpt = Decoder(CFG).init(jax.random.key(0), ids)["params"]
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), ids, None, mask)["params"])
+  gpt = jax.eval_shape(lambda: Decoder(CFG).init(jax.random.key(0), ids))["params"]
   assert set(params) == set(gpt) | {"classifier"}
-  logits = model.apply({"params": params}, ids, None, mask)
+  logits = apply({"params": params}, ids, None, mask)
   assert logits.shape == (2, 3)
   # padding after the last real token changes nothing
-  np.testing.assert_allclose(model.apply({"params": params}, ids.at[:, 4:].set(3), None, mask),
+  np.testing.assert_allclose(apply({"params": params}, ids.at[:, 4:].set(3), None, mask),
                              logits, atol=1e-6)
   # ... and it is the last real token's state: the same as the decoder's hidden state there
-  hidden = Decoder(CFG).apply({"params": {k: v for k, v in params.items() if k != "classifier"}},
-                              ids, None, mask, return_hidden=True)
+  hidden = jax.jit(lambda v, i, m: Decoder(CFG).apply(v, i, None, m, return_hidden=True))(
+      {"params": {k: v for k, v in params.items() if k != "classifier"}}, ids, mask)
   want = hidden[jnp.arange(2), jnp.array([3, 1])] @ params["classifier"]["kernel"] \
       + params["classifier"]["bias"]
   np.testing.assert_allclose(logits, want, atol=1e-5)
   # an earlier real token matters (causal attention reaches it)
-  assert not np.allclose(model.apply({"params": params}, ids.at[0, 0].set(8), None, mask)[0],
+  assert not np.allclose(apply({"params": params}, ids.at[0, 0].set(8), None, mask)[0],
                          logits[0])
 
 
@@ -72,6 +73,7 @@ def tiny_gpt(tmp_path_factory):
   return work
 
 
+@pytest.mark.slow
 def test_gpt_finetune_evaluate_predict_cli(tiny_gpt, tmp_path, capsys):
   train = _sentiment(tmp_path / "train.tsv", 200, 0)
   dev = _sentiment(tmp_path / "dev.tsv", 40, 1)

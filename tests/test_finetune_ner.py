@@ -58,11 +58,7 @@ def _write_conll(path, sentences, docstart=True, final_newline=True):
 
 @pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("init")
-  src = H.bert_dir(str(tmp / "hf"))          # BertForPreTraining: mlm/nsp heads get dropped
-  work = str(tmp / "work")
-  assert cli.main(["convert", "from-hf", "--model_dir", src, "--out", work]) == 0
-  return work
+  return H.converted_bert(tmp_path_factory)   # BertForPreTraining: mlm/nsp heads get dropped
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -133,10 +129,11 @@ def test_loss_ignores_non_first_subwords_and_padding(tiny_init):
   t = ner.encode(tok, sents, 12, [np.array([0, 3, 1, 0]), np.array([1, 2])])
   batch = {k: jnp.asarray(v) for k, v in ner.rows(t, np.arange(2), np.ones(2)).items()}
   model = EncoderTagger(cfg)
-  params = model.init(jax.random.key(0), *tc.model_args(batch))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), *tc.model_args(batch))["params"]
   assert set(params) >= {"embed", "blocks", "tagger"} and "mlm" not in params
   assert nn.unbox(params)["tagger"]["kernel"].shape == (16, 5)
 
+  @jax.jit                                     # compiled once for its four calls, not op by op
   def loss(b):
     return tc.token_classification_loss(model, params, b)
 
@@ -185,6 +182,7 @@ def test_length_buckets_are_a_pure_function_of_the_step(tiny_init, tmp_path):
 # ----------------------------------------------------------------------------- the CLI
 
 
+@pytest.mark.slow
 def test_finetune_evaluate_predict_cli(tiny_init, tmp_path, capsys):
   train = _write_conll(tmp_path / "train.txt", _sentences(300, 0))
   dev_sents = _sentences(40, 1)

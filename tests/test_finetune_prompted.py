@@ -88,7 +88,7 @@ def test_template_and_loss_mask():
   cfg = ModelConfig(vocab_size=257, d_model=32, num_layers=1, num_heads=2, max_len=32)
   model = Decoder(cfg)
   batch = {k: jnp.asarray(getattr(rows, k)) for k in pd.KEYS}
-  params = model.init(jax.random.key(0), *prompted_lm.model_args(batch))["params"]
+  params = jax.jit(model.init)(jax.random.key(0), *prompted_lm.model_args(batch))["params"]
   loss = jax.jit(lambda b: prompted_lm.prompted_lm_loss(model, params, b))
   base, aux = loss(batch)
   assert float(aux["weight"]) == 5
@@ -188,6 +188,7 @@ def test_greedy_batched_matches_sample_generate():
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_translation_cli_from_scratch(tmp_path, capsys):
   src, tgt = _parallel(tmp_path, "train", 400, 0)
   vsrc, vtgt = _parallel(tmp_path, "val", 40, 1)
@@ -214,6 +215,7 @@ def test_translation_cli_from_scratch(tmp_path, capsys):
   assert all(p["translation"] for p in preds)
 
 
+@pytest.mark.slow
 def test_sft_cli_from_pretrained_gpt(tmp_path, capsys):
   """A GPT pretrained here (`bigmodel train`, byte tokenizer) starts the SFT run."""
   corpus = tmp_path / "c.txt"

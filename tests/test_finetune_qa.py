@@ -221,12 +221,13 @@ def test_span_model_shapes_and_padding():
   ids = jnp.array([[2, 5, 6, 3, 7, 3, 0, 0]])
   mask = jnp.array([[1, 1, 1, 1, 1, 1, 0, 0]])
   m = EncoderSpanExtractor(cfg)
-  p = nn.unbox(m.init(jax.random.key(0), ids, None, mask)["params"])
+  p = nn.unbox(jax.jit(m.init)(jax.random.key(0), ids, None, mask)["params"])
   assert set(p) >= {"embed", "blocks", "qa_outputs"} and "mlm" not in p and "nsp" not in p
   assert p["qa_outputs"]["kernel"].shape == (16, 2)
-  out = m.apply({"params": p}, ids, None, mask)
+  apply = jax.jit(m.apply)                     # one compile for both calls, not op by op
+  out = apply({"params": p}, ids, None, mask)
   assert out.shape == (1, 8, 2) and out.dtype == jnp.float32
-  other = m.apply({"params": p}, ids.at[0, 6:].set(9), None, mask)
+  other = apply({"params": p}, ids.at[0, 6:].set(9), None, mask)
   np.testing.assert_allclose(other[:, :6], out[:, :6], atol=1e-5)
 
 
@@ -353,13 +354,10 @@ def test_tfds_squad_and_xquad_with_mock_data(tmp_path, tok):
 
 @pytest.fixture(scope="module")
 def tiny_init(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("init")
-  src = H.bert_dir(str(tmp / "hf"))
-  work = str(tmp / "work")
-  assert cli.main(["convert", "from-hf", "--model_dir", src, "--out", work]) == 0
-  return work
+  return H.converted_bert(tmp_path_factory)   # BertForPreTraining: mlm/nsp heads get dropped
 
 
+@pytest.mark.slow
 def test_finetune_evaluate_predict_cli(tiny_init, tmp_path, capsys):
   data = _generated(n_articles=4, per_article=60, seed=1)
   path = _write(tmp_path / "squad.json", data)

@@ -7,6 +7,7 @@ import os
 import random
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -24,6 +25,7 @@ def _corpus(path, words, docs=40, seed=0):
   return str(path)
 
 
+@pytest.mark.slow
 def test_gpt2_workdir_samples_evaluates_trains_and_exports(tmp_path, capsys):
   src = H.gpt2_dir(str(tmp_path / "hf"))
   work = str(tmp_path / "work")
@@ -73,10 +75,11 @@ def test_gpt2_workdir_samples_evaluates_trains_and_exports(tmp_path, capsys):
   assert after.step == 2 and after.tokenizer.encode(prompt) == tok.encode(prompt)
 
 
-def test_bert_workdir_evaluates_and_exports(tmp_path, capsys):
-  src = H.bert_dir(str(tmp_path / "hf"), "BertForPreTraining")
-  work = str(tmp_path / "work")
-  _run(capsys, "convert", "from-hf", "--model_dir", src, "--out", work)
+@pytest.mark.slow
+def test_bert_workdir_evaluates_and_exports(tmp_path, tmp_path_factory, capsys):
+  # `convert from-hf` of bert_dir(HF, "BertForPreTraining") into WORK, shared with the fine-tuning tests
+  work = H.converted_bert(tmp_path_factory)
+  src = os.path.join(os.path.dirname(work), "hf")
   corpus = _corpus(tmp_path / "corpus.txt", "the a dog cat fox sat on mat quick brown hello world".split())
   result = json.loads(_run(capsys, "eval", "--workdir", work, f"--gin.DataConfig.files=['{corpus}']",
                            "--gin.DataConfig.seq_len=32", "--gin.DataConfig.documents='blank_line'"))
@@ -97,6 +100,7 @@ def test_convert_errors_exit_2(tmp_path, capsys):
   assert "neither a Hugging Face checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_model_trained_in_bigmodel_exports_to_transformers(tmp_path, capsys, text_corpus):
   from tests.helpers import gin_args, tiny_bindings
   work = str(tmp_path / "run")

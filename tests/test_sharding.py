@@ -54,7 +54,8 @@ def _loss_and_grads(model_cfg, mesh, params, batch):
 def test_mesh_equivalence(options):
   cfg = config.ModelConfig(**CFG, **options)
   one = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
-  params = nn.meta.unbox(Decoder(cfg).init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])
+  init = jax.jit(Decoder(cfg).init)              # one compile, not op by op
+  params = nn.meta.unbox(init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])
   batch = _batch()
   ref_loss, ref_grads = _loss_and_grads(cfg, one, params, batch)
   for name, mesh_cfg in MESHES.items():

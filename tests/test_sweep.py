@@ -114,6 +114,7 @@ def test_emit_slurm_array_and_tpu_commands(tmp_path):
   assert "--gin.TRAIN_STEPS=300" in lines[3] and "--gin.ModelConfig.norm='\"'\"'rmsnorm'\"'\"'" in lines[3]
 
 
+@pytest.mark.slow
 def test_aggregate_and_plots_on_two_tiny_real_runs(tmp_path, text_corpus, monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)      # the runs use one CPU device
   recipe = tmp_path / "tiny.gin"
