@@ -7,6 +7,7 @@
     bigmodel chat --workdir=DIR [--system TEXT] [--template 'User: {prompt}\nAssistant:']   (stdin: one turn a line)
     bigmodel serve --workdir=DIR --port 8000 [--host 127.0.0.1] [--slots 8] [--api_key K]   (OpenAI API)
     bigmodel compile --gin_file=... --mesh data=2,fsdp=2,tensor=2
+    bigmodel compile --gin_file=... --topology v5p-128 [--mesh fsdp=64] [--find_max_batch] [--train_tokens 1e10]
     bigmodel tokenizer train --input FILES --vocab_size N --model_type {unigram,bpe,char} --out PREFIX
     bigmodel data prepare --gin_file=... --out DIR_OR_URL [--workers N]   (then DataConfig.prepared_dir)
     bigmodel finetune --gin_file=experiments/finetune/sst2_minilm.gin --workdir=DIR
@@ -98,10 +99,12 @@ def _parser() -> argparse.ArgumentParser:
   sv.add_argument("--api_key", default="", help="require 'Authorization: Bearer KEY' on every "
                   "route (default: $BIGMODEL_API_KEY; none: open)")
   sv.add_argument("--max_batch", type=int, default=8, help="the most prompts in one /generate")
-  c = sub.add_parser("compile", help="ahead-of-time compile the train step for a mesh")
+  c = sub.add_parser("compile", help="ahead-of-time compile the train step for a mesh (fake CPU "
+                     "devices), or the train and eval steps for a Cloud TPU slice (--topology)")
   gin_args(c, workdir_required=False)
   c.add_argument("--mesh", default="", help="e.g. data=2,fsdp=2,tensor=2 (default: the config's)")
   c.add_argument("--devices", type=int, default=0, help="fake CPU devices (default: mesh size or 8)")
+  _compile_topology_args(c)
   tok = sub.add_parser("tokenizer", help="tokenizer tools")
   tsub = tok.add_subparsers(dest="tok_command", required=True)
   tt = tsub.add_parser("train", help="train a SentencePiece model")
@@ -133,6 +136,26 @@ def _parser() -> argparse.ArgumentParser:
   sub.add_parser("bench", help="benchmark grid: tokens/s, MFU, memory, the HF baseline beside "
                  "(its flags: `bigmodel bench --help`; main() hands them to bigmodel.bench)")
   return p
+
+
+def _compile_topology_args(c):
+  g = c.add_argument_group("TPU slice (needs libtpu: pip install -e '.[tpu]'); exit 0 fits, 3 does not")
+  g.add_argument("--topology", default="", help="compile for this Cloud TPU slice on this host: "
+                 "v5e-N / v6e-N count chips (v5e-16: 16 chips); v4-N / v5p-N count TensorCores, "
+                 "2 per chip (v5p-128: 64 chips), as Google names them")
+  g.add_argument("--find_max_batch", action="store_true",
+                 help="also search the largest global batch whose train step fits (by compiling)")
+  g.add_argument("--max_compiles", type=int, default=4, help="compile budget of that search")
+  g.add_argument("--skip_eval", action="store_true", help="compile only the train step")
+  g.add_argument("--mfu", type=float, default=0.5, help="ASSUMED model FLOPs utilization for the "
+                 "step-time and cost estimate (default 0.5)")
+  g.add_argument("--train_tokens", type=float, default=0, help="estimate chip-hours and wall hours "
+                 "to train on this many tokens")
+  g.add_argument("--chip_hour_usd", type=float, default=0, help="price of a chip-hour, for cost_usd")
+  g.add_argument("--headroom", type=float, default=0.05, help="fraction of HBM kept free for the "
+                 "runtime when judging fits (default 0.05)")
+  g.add_argument("--largest_buffers", type=int, default=0,
+                 help="list the N largest HBM allocations of the train step (XLA's memory report)")
 
 
 def _split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -314,8 +337,20 @@ def cmd_compile(args, bindings):
   from bigmodel import aot, config
   exp = _load_config(args, bindings)
   mesh_cfg = config.parse_mesh(args.mesh) if args.mesh else exp.mesh
-  report = aot.compile_train_step(exp, mesh_cfg)
-  print(aot.format_report(report))
+  if not args.topology:
+    print(aot.format_report(aot.compile_train_step(exp, mesh_cfg)))
+    return 0
+  from bigmodel import pod
+  estimate = pod.Estimate(args.mfu, args.train_tokens, args.chip_hour_usd)
+  pod.check_estimate(estimate)
+  if not 0 <= args.headroom < 1:
+    raise config.ConfigError(f"--headroom {args.headroom}: expected a fraction in [0, 1)")
+  r = pod.report(exp, args.topology, mesh_cfg, estimate=estimate, headroom=args.headroom,
+                 max_batch=args.find_max_batch, largest=args.largest_buffers,
+                 max_compiles=args.max_compiles, skip_eval=args.skip_eval)
+  print(pod.format_report(r))
+  print(json.dumps(pod.json_summary(r)), flush=True)
+  return 0 if r["fits"] else pod.EXIT_DOES_NOT_FIT
 
 
 def cmd_tokenizer(args, bindings):
@@ -362,6 +397,9 @@ def _fake_devices_for_compile(argv: list[str], args) -> None:
   """`compile` runs on fake CPU devices: ask XLA for enough before jax is imported."""
   if args.command != "compile" or "jax" in sys.modules:
     return
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")   # --topology: the TPU devices come from libtpu
+  if args.topology:
+    return
   n = args.devices
   if not n and args.mesh:
     sizes = [int(part.split("=")[1]) for part in args.mesh.split(",") if "=" in part]
@@ -375,7 +413,7 @@ def _fake_devices_for_compile(argv: list[str], args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   from bigmodel import hostmem
-  hostmem.keep_freed_memory()    # before jax and tf.data allocate (BIGMODEL_MALLOC=system: off)
+  hostmem.keep_freed_memory()    # CPU hosts, before jax and tf.data allocate (BIGMODEL_MALLOC=system: off)
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, bindings = _split_gin_bindings(argv)
   if rest[:1] == ["bench"]:   # its own flags; it asks for fake devices before jax loads

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+from bigmodel import hostmem
+
 # Mallocs, writes and frees a 256 MiB block twice from a second thread (as XLA's worker
 # threads do) and prints the page faults of the second round: glibc's defaults mmap and munmap
 # a block that large, so it faults again (65K pages of 4 KiB); with bigmodel's settings the
@@ -46,3 +48,18 @@ def test_freed_memory_is_reused_without_page_faults():
   applied, faults = _probe(BIGMODEL_MALLOC="system")
   assert not applied
   assert faults > 30000, faults
+
+
+def test_settings_stay_on_cpu_hosts(monkeypatch):
+  """An accelerator host keeps glibc's defaults unless BIGMODEL_MALLOC=keep opts in."""
+  monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+  assert not hostmem.cpu_host()
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  assert hostmem.cpu_host()
+  monkeypatch.delenv("JAX_PLATFORMS")
+  monkeypatch.setattr(hostmem.glob, "glob", lambda p: ["/dev/accel0"] if "accel" in p else [])
+  assert not hostmem.cpu_host()
+  applied, _ = _probe(JAX_PLATFORMS="tpu", BIGMODEL_MALLOC="")
+  assert not applied
+  applied, faults = _probe(JAX_PLATFORMS="tpu", BIGMODEL_MALLOC="keep")
+  assert applied and faults < 1000

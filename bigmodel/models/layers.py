@@ -39,6 +39,15 @@ BSV = ("act_batch", "act_len", "act_vocab")
 NEG_INF = -1e9
 
 
+def on_cpu(mesh: Mesh | None) -> bool:
+  """Whether the program is compiled for CPU: the mesh's devices (the compile target) decide,
+  or without a mesh the default backend. CPU-only tuning (the residual-cotangent buffer, the
+  decode-time q/k/v layout) applies only then, so that it never shapes a TPU or GPU program."""
+  if mesh is not None:
+    return mesh.devices.flat[0].platform == "cpu"
+  return jax.default_backend() == "cpu"
+
+
 def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
@@ -120,15 +129,18 @@ class Attention(nn.Module):
     d, h, k = cfg.d_model, cfg.num_heads, cfg.dim_per_head
     w_qkv = self.param("qkv", param_with_axes(normal(cfg.init_std), ("embed", "qkv", "heads", "kv")),
                        (d, 3, h, k), pdt)
-    if self.decode:   # [b, s, n, h, k]: XLA:CPU transposed the weight for n-first, every step
+    # Decoding on CPU: [b, s, n, h, k], since XLA:CPU transposed the weight for n-first at
+    # every step. Everywhere else one layout, n first.
+    n_last = self.decode and on_cpu(self.mesh)
+    if n_last:
       qkv = jnp.einsum("bsd,dnhk->bsnhk", x, w_qkv.astype(dt))
     else:
       qkv = jnp.einsum("bsd,dnhk->nbshk", x, w_qkv.astype(dt))
     if cfg.use_bias:
       b_qkv = self.param("qkv_bias", param_with_axes(nn.initializers.zeros, ("qkv", "heads", "kv")),
                          (3, h, k), pdt)
-      qkv = qkv + (b_qkv.astype(dt) if self.decode else b_qkv.astype(dt)[:, None, None])
-    if self.decode:
+      qkv = qkv + (b_qkv.astype(dt) if n_last else b_qkv.astype(dt)[:, None, None])
+    if n_last:
       q, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
       q, key, value = qkv[0], qkv[1], qkv[2]
@@ -215,7 +227,8 @@ def materialize_cotangent(x):
   all the layers above it: quadratic work, 15% of a GPT-2-small step. Writing the gradient's
   first element back into it in place (a dynamic-update-slice, which needs its operand in a
   buffer) stops the chain at each block; `lax.optimization_barrier` does not, since XLA:CPU
-  removes it before fusion. The value is unchanged."""
+  removes it before fusion. The value is unchanged. CPU only (`Block` applies it where
+  `on_cpu`): the TPU and GPU programs keep the plain residual gradient."""
   return x
 
 
@@ -244,7 +257,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask, positions):
     cfg = self.cfg
-    x = materialize_cotangent(x)
+    if on_cpu(self.mesh):
+      x = materialize_cotangent(x)
     drop = lambda y: (nn.Dropout(cfg.dropout)(y, deterministic=self.deterministic)
                       if cfg.dropout > 0 else y)
     attn = Attention(cfg, self.mesh, self.deterministic, self.decode, name="attn")

@@ -74,7 +74,8 @@ class Components:
                                     seed=self.exp.train.seed)
 
   def eval_step(self):
-    return step_lib.make_eval_step(self.model, self.objective.loss_fn, self.mesh, self.state_sh.params)
+    return step_lib.make_eval_step(self.model, self.objective.loss_fn, self.mesh, self.state_sh.params,
+                                   microbatches=self.exp.train.microbatches)
 
 
 def _check_vocab(exp: Experiment, tokenizer) -> None:

@@ -74,10 +74,24 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(model, loss_fn: Callable, mesh, params_sh) -> Callable:
-  """(params, batch) -> summed loss pieces (loss_sum, weight, ...), replicated."""
-  def step(params, batch):
+def make_eval_step(model, loss_fn: Callable, mesh, params_sh, *, microbatches: int = 1) -> Callable:
+  """(params, batch) -> summed loss pieces (loss_sum, weight, ...), replicated.
+
+  With k microbatches the batch is split as in the train step and the sums accumulate over a
+  scan, so that eval holds one microbatch's activations, as training does."""
+  def sums(params, batch):
     loss_sum, aux = loss_fn(model, params, batch, deterministic=True, rngs=None)
     return {"loss_sum": loss_sum, **aux}
+
+  def step(params, batch):
+    if microbatches == 1:
+      return sums(params, batch)
+    micro = _split_microbatches(batch, microbatches)
+    zeros = jax.eval_shape(lambda: sums(params, jax.tree.map(lambda x: x[0], micro)))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+    total, _ = jax.lax.scan(lambda c, mb: (jax.tree.map(jnp.add, c, sums(params, mb)), None),
+                            init, micro)
+    return total
+
   return jax.jit(step, in_shardings=(params_sh, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
