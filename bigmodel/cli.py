@@ -413,6 +413,11 @@ def _fake_devices_for_compile(argv: list[str], args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   from bigmodel import hostmem
+  if not os.environ.get("JAX_PLATFORMS") and hostmem.cpu_host():
+    # No accelerator on this host: jax would still try every installed plugin (libtpu, from
+    # the tpu/test extras, prints errors when it finds no TPU). Every bigmodel command runs on
+    # CPU here; `compile --topology` loads libtpu for its topology all the same.
+    os.environ["JAX_PLATFORMS"] = "cpu"
   hostmem.keep_freed_memory()    # CPU hosts, before jax and tf.data allocate (BIGMODEL_MALLOC=system: off)
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, bindings = _split_gin_bindings(argv)
