@@ -72,3 +72,26 @@ def run_main(capsys, *args) -> str:
   out = capsys.readouterr()
   assert rc == 0, f"bigmodel {args} exited {rc}:\n{out.out}\n{out.err}"
   return out.out
+
+
+def decoder_workdir(work: pathlib.Path, **bindings) -> str:
+  """A tiny random-init byte-level GPT run directory, as `bigmodel train` writes one: its
+  operative config.gin, tokenizer.json and an orbax checkpoint (step 3) of the TrainState."""
+  import gin
+  import jax
+  from bigmodel import config, sharding
+  from bigmodel.data import tokenizers
+  from bigmodel.train import checkpoint, loop
+  gin.clear_config()
+  exp = config.load([], tiny_bindings("unused.txt", steps=4, **bindings))
+  comp = loop.Components.build(exp, sharding.make_mesh(exp.mesh))
+  state = comp.init_state(jax.random.key(0))
+  os.makedirs(work)
+  (work / "config.gin").write_text(config.operative_config())
+  tokenizers.ByteTokenizer().save(str(work))
+  ckpt = checkpoint.Checkpointer(str(work / "checkpoints"), async_save=False)
+  ckpt.save(3, state, {"data_step": 3}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  gin.clear_config()
+  return str(work)

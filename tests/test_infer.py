@@ -5,7 +5,6 @@ cache's logical axes on a mesh, and `bigmodel chat` on a tiny trained run (servi
 import functools
 import io
 import json
-import os
 import re
 import types
 
@@ -21,9 +20,8 @@ from bigmodel.config import ConfigError, ModelConfig
 from bigmodel.data import tokenizers
 from bigmodel.infer import chat, decode, greedy, sample
 from bigmodel.models.decoder import Decoder
-from bigmodel.train import loop
 
-from tests.helpers import tiny_bindings
+from tests.helpers import decoder_workdir
 
 # One shape for the generation tests: equal models share the decode loop's compiles.
 SMALL = dict(vocab_size=257, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_len=32,
@@ -206,22 +204,7 @@ def test_length_limit():
 def workdir(tmp_path_factory):
   """A tiny random-init byte-level GPT run directory, as `bigmodel train` writes one: its
   operative config.gin, tokenizer.json and an orbax checkpoint (step 3) of the TrainState."""
-  import gin
-  from bigmodel.train import checkpoint
-  work = tmp_path_factory.mktemp("infer") / "run"
-  gin.clear_config()
-  exp = config.load([], tiny_bindings("unused.txt", steps=4))
-  comp = loop.Components.build(exp, sharding.make_mesh(exp.mesh))
-  state = comp.init_state(jax.random.key(0))
-  os.makedirs(work)
-  (work / "config.gin").write_text(config.operative_config())
-  tokenizers.ByteTokenizer().save(str(work))
-  ckpt = checkpoint.Checkpointer(str(work / "checkpoints"), async_save=False)
-  ckpt.save(3, state, {"data_step": 3}, force=True)
-  ckpt.wait()
-  ckpt.close()
-  gin.clear_config()
-  return str(work)
+  return decoder_workdir(tmp_path_factory.mktemp("infer") / "run")
 
 
 def test_chat_through_the_cli(workdir, monkeypatch, capsys):

@@ -8,6 +8,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -22,12 +23,11 @@ import openai
 import pytest
 import uvicorn
 
-from bigmodel import cli, config, sharding
-from bigmodel.data import tokenizers
+from bigmodel import cli, config
 from bigmodel.infer import api, chat, decode, engine as engine_lib, restore, serve
 from bigmodel.infer.engine import SamplingParams
 
-from tests.helpers import ROOT, tiny_bindings
+from tests.helpers import ROOT, decoder_workdir
 
 KEY = "test-key"
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -37,21 +37,9 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 def run(tmp_path_factory):
   """A tiny random-init byte-level GPT run (max_len 64) as `bigmodel train` writes one, and its
   restored model, params, tokenizer and experiment."""
-  import gin
-  from bigmodel.train import checkpoint, loop
-  work = tmp_path_factory.mktemp("serve") / "run"
-  gin.clear_config()
-  exp = config.load([], tiny_bindings("unused.txt", steps=4, **{"ModelConfig.init_std": 0.5}))
-  comp = loop.Components.build(exp, sharding.make_mesh(exp.mesh))
-  state = comp.init_state(jax.random.key(0))
-  os.makedirs(work)
-  (work / "config.gin").write_text(config.operative_config())
-  tokenizers.ByteTokenizer().save(str(work))
-  ckpt = checkpoint.Checkpointer(str(work / "checkpoints"), async_save=False)
-  ckpt.save(3, state, {"data_step": 3}, force=True)
-  ckpt.wait()
-  ckpt.close()
-  gin.clear_config()
+  from bigmodel.train import loop
+  work = pathlib.Path(decoder_workdir(tmp_path_factory.mktemp("serve") / "run",
+                                      **{"ModelConfig.init_std": 0.5}))
   exp = config.load([str(work / "config.gin")], [])
   model, params, tok, step = restore.restore_decoder(str(work), exp)
   assert step == 3

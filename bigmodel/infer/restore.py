@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bigmodel import models, sharding, storage
+from bigmodel import models, sharding
 from bigmodel.config import ConfigError, Experiment
 from bigmodel.data import tokenizers
 from bigmodel.train import bad_steps, checkpoint, state as state_lib
@@ -30,12 +30,5 @@ def restore_decoder(workdir: str, exp: Experiment, command: str = "sample"):
   tx, _ = bad_steps.make_optimizer(exp)   # the state `bigmodel train` saved
   z = jnp.zeros((exp.train.batch_size // exp.train.microbatches, exp.data.seq_len), jnp.int32)
   abstract, _ = state_lib.state_shardings(model, tx, (z, z, z + 1), mesh)   # inputs, positions, segments
-  ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), async_save=False)
-  try:
-    restored = ckpt.restore_latest(abstract)   # read-only: unusable steps stay where they are
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise checkpoint.CheckpointError(f"no checkpoint in {workdir}/checkpoints: train first")
-  state, _, latest = restored
+  state, _, latest = checkpoint.restore_workdir(workdir, abstract)
   return model, state.params, tokenizers.load(workdir), latest

@@ -273,3 +273,16 @@ def resume(ckpt: Checkpointer, abstract_state, identity: dict,
     ckpt.close()
     raise
   return restored
+
+
+def restore_workdir(workdir: str, abstract_state) -> tuple[Any, dict, int]:
+  """(state, meta, step) of the newest usable checkpoint in `workdir`, read-only (unusable
+  steps stay where they are); a CheckpointError when there is none."""
+  ckpt = Checkpointer(storage.join(workdir, "checkpoints"), async_save=False)
+  try:
+    restored = ckpt.restore_latest(abstract_state)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise CheckpointError(f"no checkpoint in {workdir}/checkpoints: train first")
+  return restored

@@ -421,14 +421,7 @@ def restore_for_inference(workdir: str, exp: Experiment):
   """(components, params, tokenizer) of the latest checkpoint in a workdir."""
   mesh = sharding.make_mesh(exp.mesh)
   comp = Components.build(exp, mesh)
-  ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), async_save=False)
-  try:
-    restored = ckpt.restore_latest(comp.abstract)   # read-only: unusable steps stay where they are
-  finally:
-    ckpt.close()
-  if restored is None:
-    raise checkpoint.CheckpointError(f"no checkpoint in {workdir}/checkpoints: train first")
-  state, _, latest = restored
+  state, _, latest = checkpoint.restore_workdir(workdir, comp.abstract)
   return comp, state.params, tokenizers.load(workdir), latest
 
 
