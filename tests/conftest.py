@@ -7,7 +7,23 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-os.environ.setdefault("BIGMODEL_COMPILE_CACHE", "")   # no on-disk XLA cache (sample/chat/serve)
+os.environ.setdefault("BIGMODEL_COMPILE_CACHE", "")   # the CLI's own on-disk cache: off (below instead)
+
+# One persistent XLA compilation cache for the whole session, in a temporary folder that the
+# first process (the xdist controller, or a lone pytest) makes and removes at exit; xdist workers
+# and the CLI processes that tests start inherit it. Most tests compile the same tiny programs
+# again in a new process or a new `train()` (whose jitted step is a new function), and XLA:CPU
+# compiling was 80% of a tiny training run. The eviction size turns on jax's file lock, so that
+# concurrent processes never read a half-written entry.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _XLA_CACHE = tempfile.mkdtemp(prefix="bigmodel-tests-xla-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import pathlib  # noqa: E402
 
