@@ -1,8 +1,9 @@
 """Serving (bigmodel.infer.engine, .api, .serve): continuous batching against one-at-a-time
-and the former decoder, no compiles while serving, chunked prefill between decode steps, stop
-strings, prefix reuse across chat turns, the official `openai` client against the server on
-localhost (completions and chat, streaming and not), errors, 503, API key, disconnects, and
-the inference commands' start without TensorFlow. One tiny run and one server for the module."""
+and the former decoder, no compiles while serving, prefill first in batched calls, chunked
+prefill between decode steps within a budget, stop strings, prefix reuse across chat turns,
+the official `openai` client against the server on localhost (completions and chat, streaming
+and not), errors, 503, API key, disconnects, and the inference commands' start without
+TensorFlow. One tiny run and one server for the module."""
 
 import concurrent.futures
 import http.client
@@ -72,7 +73,7 @@ def server(run):
 
 
 def _engine(run, **kw):
-  kw = {"slots": 4, "chunk_sizes": (8, 16), "page": 16, **kw}
+  kw = {"slots": 4, "chunk_sizes": (8, 16), "prefill_rows": (1, 2), "page": 16, **kw}
   return engine_lib.Engine(run["model"], run["params"], run["tok"], **kw)
 
 
@@ -108,8 +109,31 @@ def test_batching_equals_one_at_a_time_without_compiles(run):
     eng.stop()
 
 
+def test_prefill_goes_first_in_batched_calls(run):
+  """A burst of prompts gets its first tokens before any decode step, several slots' chunks of
+  one size a call; the tokens equal the one-request decoder's."""
+  eng = _engine(run, prefix_cache_mb=0)        # 4 slots, chunks (8, 16), up to 2 rows a call
+  tok = run["tok"]
+  prompts = [tok.encode(t) for t in ["a", "the king", "x" * 20, "hello", "y" * 12]]
+  got = [[] for _ in prompts]
+  done = [threading.Event() for _ in prompts]
+  handles = [eng.submit(p, SamplingParams(max_tokens=6, ignore_eos=True),
+                        lambda ev, i=i: (got[i].extend(ev.tokens), ev.finish_reason and done[i].set()))
+             for i, p in enumerate(prompts)]
+  eng.start()
+  try:
+    assert all(d.wait(60) for d in done)
+  finally:
+    eng.stop()
+  # calls: [a, the king] (8), [x*20: 16], [x*20 rest, hello] (8); the 5th waits for a slot: (16)
+  assert (eng.stats["prefill_calls"], eng.stats["prefill_chunks"]) == (4, 6)
+  assert [h.ttft_calls for h in handles[:4]] == [(0, 1), (0, 1), (0, 3), (0, 3)]
+  assert handles[4].ttft_calls[0] > 0                       # it waited for a slot
+  assert got == [c.tokens for c in decode.Generator(eng.model, eng.params)(prompts, 6)]
+
+
 def test_chunked_prefill_runs_between_decode_steps_and_stop_strings(run):
-  eng = _engine(run, prefix_cache_mb=0).start()
+  eng = _engine(run, prefix_cache_mb=0, prefill_budget=16).start()   # one chunk a step
   try:
     tok = run["tok"]
     counts, seen = [], threading.Event()
@@ -124,7 +148,8 @@ def test_chunked_prefill_runs_between_decode_steps_and_stop_strings(run):
     chunks0 = eng.stats["prefill_chunks"]
     res = eng.generate(tok.encode("x" * 40), SamplingParams(max_tokens=2, ignore_eos=True))
     assert res.prefilled == 40 and eng.stats["prefill_chunks"] - chunks0 == 3   # 16 + 16 + 8
-    # the short request got a token after each of the long prompt's first two chunks at least
+    # while it decodes, the short request got a token after each of the long prompt's first two
+    # chunks at least (the prefill budget: 16 tokens a step)
     assert res.ttft_s > 0 and sum(counts) - before >= 2
     h.cancel()
     # stop strings: the text ends before the stop; streamed pieces never show a part of it
@@ -334,19 +359,29 @@ def test_client_disconnect_frees_the_slot(run, server, monkeypatch):
 # ----------------------------------------------------------------------------- the commands
 
 
-def test_serve_command_and_start_without_tensorflow(run, monkeypatch):
+def test_serve_command_and_start_without_tensorflow(run, monkeypatch, tmp_path):
   got = {}
   monkeypatch.setattr(api, "run", lambda app, host, port: got.update(app=app, host=host, port=port))
   assert cli.main(["serve", "--workdir", run["workdir"], "--slots", "4", "--port", "0",
                    "--api_key", "k"]) == 0
   assert got["host"] == "127.0.0.1" and {"/v1/completions", "/v1/chat/completions", "/generate"} <= {
       r.path for r in got["app"].routes}
-  # sample, chat and serve import no TensorFlow (one subprocess: this process has it loaded)
-  code = ("import sys; from bigmodel import cli; from bigmodel.infer import api, engine, serve; "
+  # sample, chat, serve, predict (of a prompted run) and load_pretrained import no TensorFlow
+  # (one subprocess: this process has it loaded)
+  sft = decoder_workdir(tmp_path / "sft", **{"TrainConfig.objective": "prompted_lm",
+                                             "DataConfig.prompt_column": "prompt",
+                                             "DataConfig.prompted_max_new_tokens": 2})
+  (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+  out = tmp_path / "out.jsonl"
+  code = ("import sys; from bigmodel import cli, pretrained; from bigmodel.infer import api, engine, serve; "
           f"assert cli.main(['sample', '--workdir', {run['workdir']!r}, '--num_tokens', '2']) == 0; "
+          f"assert cli.main(['predict', '--workdir', {sft!r}, '--input', {str(tmp_path / 'in.jsonl')!r}, "
+          f"'--out', {str(out)!r}]) == 0; "
+          f"assert pretrained.load_pretrained({run['workdir']!r}).family == 'gpt2'; "
           "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   env.pop("XLA_FLAGS", None)
   proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["hi"]

@@ -63,7 +63,7 @@ import tempfile
 from typing import Sequence
 
 import numpy as np
-from bigmodel.data import tf  # accelerators hidden from it: see bigmodel/data/__init__.py
+from bigmodel.data import lazy_tf as tf  # imported at first use: see bigmodel/data/__init__.py
 
 from bigmodel.config import DataConfig
 from bigmodel.data import sources, tokenizers

@@ -21,7 +21,7 @@ import tempfile
 import threading
 
 import numpy as np
-from bigmodel.data import tf  # accelerators hidden from it: see bigmodel/data/__init__.py
+from bigmodel.data import lazy_tf as tf  # imported at first use: see bigmodel/data/__init__.py
 
 from bigmodel.config import DataConfig
 from bigmodel.data import lm, prepare, tokenizers

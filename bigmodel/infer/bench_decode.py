@@ -14,9 +14,11 @@ compiles every shape:
             per token, from Python; the window here is prompt + new tokens (the old command
             used DataConfig.seq_len, which for GPT-2 is 1024: slower still)
   engine    bigmodel.infer.engine (what `bigmodel serve` runs): `batch` slots, the prompts
-            submitted at once, prefilled in chunks, then one jitted step a token with the tokens
-            brought back to Python each step (streaming, joins, stops): its "x cache" is that
-            per-step overhead against the one-request decoder's on-device loop
+            submitted at once, prefilled in chunks (several slots a call), then one jitted step a
+            token with the tokens brought back to Python each step (streaming, joins, stops):
+            its "x cache" is that per-step overhead against the one-request decoder's on-device
+            loop; a line under the table gives its host work a model call (the engine thread's
+            time not spent waiting for the device)
   hf        Hugging Face transformers `GPT2LMHeadModel.generate` on PyTorch CPU (float32, KV
             cache on, greedy, the same shape, random init, the same prompts)
 tokens/s counts new tokens (batch x new_tokens / seconds); ms/token is seconds / new_tokens
@@ -24,7 +26,9 @@ tokens/s counts new tokens (batch x new_tokens / seconds); ms/token is seconds /
 cache's at the same batch; the lines under the table give hf's time over cache's and
 engine's. "same" is the share of rows whose tokens equal the cache's (random weights leave
 near ties, where float order can flip an argmax); hf has its own random weights, so its
-tokens are not compared ("-").
+tokens are not compared ("-"). Threads: XLA:CPU runs on every core it is given, torch on
+--threads (its default: every core); for equal work pin the process to cores (e.g. `taskset -c
+1` with --threads 1: one core each).
 """
 
 from __future__ import annotations
@@ -98,11 +102,17 @@ def main(argv=None) -> list[dict]:
     _, compile_s = _timed(eng.warmup)
     eng.start()
     _engine_run(eng, prompts, n)
+    before = dict(eng.stats)
     out, secs = _timed(lambda: _engine_run(eng, prompts, n))
     eng.stop()
-    rows.append(dict(batch=b, method="engine", secs=secs, warm=compile_s,
+    d = {k: eng.stats[k] - before.get(k, 0) for k in ("device_wait_s", "decode_steps", "prefill_calls")}
+    host = (secs - d["device_wait_s"]) / (d["decode_steps"] + d["prefill_calls"])
+    share = 1 - d["device_wait_s"] / secs
+    rows.append(dict(batch=b, method="engine", secs=secs, warm=compile_s, host=host, share=share,
                      same=np.mean([o == r for o, r in zip(out, ref)])))
-    print(f"  batch {b}: engine {secs:.2f}s", flush=True)
+    print(f"  batch {b}: engine {secs:.2f}s ({d['decode_steps']} decode steps, "
+          f"{d['prefill_calls']} prefill calls; host work {host * 1e3:.1f} ms a call, "
+          f"{share:.0%} of its time)", flush=True)
     if not args.no_hf:
       hf, compile_s = _timed(lambda: _HF(args))
       out, secs = _timed(lambda: hf(prompts, n))
@@ -134,6 +144,10 @@ def main(argv=None) -> list[dict]:
     print(f"| {r['batch']:5d} | {r['method']:8s} | {r['batch'] * n / r['secs']:12.1f} | "
           f"{r['secs']:7.2f} | {r['secs'] / n * 1e3:8.1f} | {r['secs'] / base:7.2f} | "
           f"{'-' if r['same'] is None else format(r['same'], '.0%'):>11s} |")
+  for r in rows:
+    if "host" in r:
+      print(f"batch {r['batch']}: the engine's host work (Python, dispatch, requests) takes "
+            f"{r['host'] * 1e3:.1f} ms a model call, {r['share']:.0%} of its time")
   for b in sorted({r["batch"] for r in rows}):
     if (b, "hf") in secs:
       print(f"batch {b}: hf generate takes {secs[b, 'hf'] / secs[b, 'cache']:.2f}x the cache's time "

@@ -12,15 +12,19 @@ The design of vLLM, TGI and JetStream, on one host:
     step runs ONE jitted decode step over all slots; an idle or prefilling slot rides along with
     segment id 0, so its cache index does not move (models/decoder.py).
   * A new request takes a free slot and is prefilled in chunks (the smallest of `chunk_sizes`
-    that holds the rest of the prompt, else the largest), one chunk per engine step between the
-    decode steps, so a long prompt delays the others by one chunk at a time. The last chunk
-    samples the request's first token; the request joins the batch at the next step.
+    that holds the rest of the prompt, else the largest). Prefill goes first: each engine step
+    runs the waiting prompts' chunks, oldest first, several slots' chunks of one size in one
+    call (`prefill_rows` of them: one weight pass for all), before its decode step, until none
+    is left or, while other requests decode, `prefill_budget` prompt tokens have run (so a long
+    prompt delays the decoding requests by about that much a step). The last chunk samples the
+    request's first token; the request joins the batch at the next decode step. A burst of
+    arrivals thus gets its first tokens without waiting for decode steps in between.
   * A request that ends (EOS, a stop string, max_tokens, or cancel) frees its slot at once.
   * Sampling parameters (temperature, top-k, top-p, seed) are per-slot arrays inside the step:
     row i draws with fold_in(key(seed_i), n) for its n-th token, so a request gives the same
     tokens alone or in any batch, and greedy rows skip the sort when no row samples.
-  * Shapes are static: one compile of the decode step, one of each prefill chunk size and one of
-    the page copies, all made by `warmup()`; nothing compiles while serving.
+  * Shapes are static: one compile of the decode step, one of each (prefill rows, chunk size)
+    and one of the page copies, all made by `warmup()`; nothing compiles while serving.
   * Prefix reuse: a finished request's keys and values (its prompt and reply) go into an LRU
     store of pages (`page` positions each, bounded by `prefix_cache_mb`). A new request whose
     tokens start with a stored sequence gets those pages copied into its slot and prefills
@@ -99,6 +103,7 @@ class Result:
   prompt_tokens: int
   prefilled: int            # prompt tokens run through the model (the rest came from the store)
   ttft_s: float             # submit -> first token
+  ttft_calls: tuple[int, int] | None = None   # (decode steps, prefill calls) in that time
 
 
 class Handle:
@@ -112,6 +117,8 @@ class Handle:
     self.submitted = time.perf_counter()
     self.first_token_at: float | None = None
     self.prefilled = 0
+    self.clock0 = engine.clock()                 # (decode steps, prefill calls) at submit
+    self.ttft_calls: tuple[int, int] | None = None   # ... that ran before its first token
 
   def cancel(self) -> None:
     self.cancelled = True
@@ -167,22 +174,20 @@ def _decode_step(model, params, cache, tokens, active, temperature, top_k, top_p
   return state["cache"], sample_rows(logits[:, 0], seeds, steps, temperature, top_k, top_p)
 
 
-def _prefill_chunk(model, params, cache, slot, tokens, n_valid, pos, temperature, top_k, top_p,
-                   seed):
-  """Runs tokens [c] (the first n_valid real) at positions pos.. of `slot`; samples the token
-  after the last real one (used only by a prompt's last chunk)."""
-  row = jax.tree_util.tree_map_with_path(
-      lambda p, a: jnp.full((1,), pos, a.dtype) if _is_index(p)
-      else jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), cache)
-  valid = (jnp.arange(tokens.shape[0]) < n_valid).astype(jnp.int32)
-  hidden, state = model.apply({"params": params, "cache": row}, tokens[None], segment_ids=valid[None],
+def _prefill_rows(model, params, cache, slots, tokens, n_valid, pos, temperature, top_k, top_p,
+                  seeds):
+  """Runs tokens [k, c] (the first n_valid[r] of row r real) at positions pos[r].. of cache rows
+  slots[k] (distinct) in one call; samples each row's token after its last real one (used only
+  by a prompt's last chunk)."""
+  rows = jax.tree_util.tree_map_with_path(
+      lambda p, a: pos.astype(a.dtype) if _is_index(p) else jnp.take(a, slots, axis=0), cache)
+  valid = (jnp.arange(tokens.shape[1])[None, :] < n_valid[:, None]).astype(jnp.int32)
+  hidden, state = model.apply({"params": params, "cache": rows}, tokens, segment_ids=valid,
                               decode=True, return_hidden=True, mutable=["cache"])
-  cache = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=0),
-                       cache, state["cache"])
-  logits = _lm_head(model, params, hidden[:, n_valid - 1])
-  tok = sample_rows(logits, seed[None], jnp.zeros(1, jnp.int32), temperature[None], top_k[None],
-                    top_p[None])
-  return cache, tok[0]
+  cache = jax.tree.map(lambda a, r: a.at[slots].set(r), cache, state["cache"])
+  logits = _lm_head(model, params, hidden[jnp.arange(tokens.shape[0]), n_valid - 1])
+  tok = sample_rows(logits, seeds, jnp.zeros_like(n_valid), temperature, top_k, top_p)
+  return cache, tok
 
 
 def _read_page(cache, slot, offset, *, size):
@@ -210,7 +215,7 @@ def _write_page(cache, slot, offset, page):
 
 
 _decode_jit = jax.jit(_decode_step, static_argnums=0, donate_argnums=2)
-_prefill_jit = jax.jit(_prefill_chunk, static_argnums=0, donate_argnums=2)
+_prefill_jit = jax.jit(_prefill_rows, static_argnums=0, donate_argnums=2)
 _read_page_jit = jax.jit(_read_page, static_argnames="size")
 _write_page_jit = jax.jit(_write_page, donate_argnums=0)
 
@@ -295,11 +300,15 @@ class Engine:
   model, params: a Decoder and its params (any mesh; the engine runs on one device).
   tokenizer: for text events and stop strings (None: token ids only).
   max_len: the most tokens (prompt + new) a request may hold (default and upper bound with
-  learned positions: ModelConfig.max_len). chunk_sizes: prefill chunk lengths (compiled once
-  each). max_queue: requests waiting for a slot before `submit` raises QueueFull."""
+  learned positions: ModelConfig.max_len). chunk_sizes: prefill chunk lengths. prefill_rows:
+  how many slots' chunks one prefill call may run (1 is always one; each (rows, chunk size)
+  compiles once). prefill_budget: prompt tokens an engine step prefills, at least one call,
+  while other requests decode (all waiting prompts when none does). max_queue: requests
+  waiting for a slot before `submit` raises QueueFull."""
 
   def __init__(self, model, params, tokenizer=None, *, slots: int = 8, max_len: int | None = None,
-               chunk_sizes: Sequence[int] = (16, 64), page: int = 64, max_queue: int = 64,
+               chunk_sizes: Sequence[int] = (16, 64), prefill_rows: Sequence[int] = (1, 2, 4),
+               prefill_budget: int = 256, page: int = 64, max_queue: int = 64,
                prefix_cache_mb: float = 256.0, eos_id: int | None = None):
     cfg = model.cfg
     limit = decode.position_limit(cfg)
@@ -307,8 +316,10 @@ class Engine:
     if limit is not None and max_len > limit:
       raise ConfigError(f"max_len={max_len} exceeds the model's {limit} positions "
                         f"(ModelConfig.max_len): use at most {limit}")
-    if slots < 1 or not chunk_sizes or min(chunk_sizes) < 1 or page < 1:
-      raise ConfigError(f"slots={slots}, chunk_sizes={tuple(chunk_sizes)}, page={page}: "
+    if slots < 1 or not chunk_sizes or min(chunk_sizes) < 1 or page < 1 or prefill_budget < 1 \
+        or min(prefill_rows, default=1) < 1:
+      raise ConfigError(f"slots={slots}, chunk_sizes={tuple(chunk_sizes)}, prefill_rows="
+                        f"{tuple(prefill_rows)}, prefill_budget={prefill_budget}, page={page}: "
                         f"each must be at least 1")
     model, params = decode.unstack_layers(model.clone(mesh=None), nn.meta.unbox(params))
     self.model = model
@@ -317,6 +328,8 @@ class Engine:
     self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
     self.slots, self.max_len = slots, max_len
     self.chunk_sizes = tuple(sorted(set(int(c) for c in chunk_sizes)))
+    self.prefill_rows = tuple(sorted({1} | {int(r) for r in prefill_rows if r <= slots}))
+    self.prefill_budget = prefill_budget
     self.page = page
     self.cache_len = max_len + max(self.chunk_sizes[-1], page)     # slack: a chunk never clips
     self.cache = nn.meta.unbox(decode.init_cache(model, slots, self.cache_len))
@@ -325,6 +338,7 @@ class Engine:
     self.store.page_bytes = sum(a.dtype.itemsize * a[0, :page].size for a in kv)
     self.max_queue = max_queue
     self.stats = collections.Counter()
+    self.first_tokens: collections.deque[tuple[int, int]] = collections.deque(maxlen=100_000)
     self._active: list[_Slot | None] = [None] * slots
     self._waiting: collections.deque[Handle] = collections.deque()
     self._cond = threading.Condition()
@@ -337,6 +351,11 @@ class Engine:
     self._top_k, self._seed, self._step = np.zeros(s, np.int32), np.zeros(s, np.uint32), np.zeros(s, np.int32)
 
   # --------------------------------------------------------------------------- public
+
+  def clock(self) -> tuple[int, int]:
+    """(decode steps, prefill calls) run so far: the engine's clock, which no host load moves
+    (a request's `ttft_calls` counts them between its submit and its first token)."""
+    return self.stats["decode_steps"], self.stats["prefill_calls"]
 
   def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
     """Raises ValueError saying what to change when a request cannot run."""
@@ -386,7 +405,8 @@ class Engine:
       raise RuntimeError(last.error)
     return Result("".join(p.text for p in parts), [t for p in parts for t in p.tokens],
                   last.finish_reason, len(handle.prompt), handle.prefilled,
-                  (handle.first_token_at or time.perf_counter()) - handle.submitted)
+                  (handle.first_token_at or time.perf_counter()) - handle.submitted,
+                  handle.ttft_calls)
 
   def start(self) -> "Engine":
     if self._thread is None:
@@ -412,9 +432,14 @@ class Engine:
   def warmup(self) -> None:
     """Compiles every program the engine runs (on slot 0; the cache is left as it was)."""
     z = np.int32(0)
-    for c in self.chunk_sizes:
-      self.cache, _ = _prefill_jit(self.model, self.params, self.cache, z, np.zeros(c, np.int32),
-                                   np.int32(1), z, np.float32(0), z, np.float32(1), np.uint32(0))
+    for k in self.prefill_rows:
+      rows = np.arange(k, dtype=np.int32)
+      for c in self.chunk_sizes:
+        self.cache, _ = _prefill_jit(self.model, self.params, self.cache, rows,
+                                     np.zeros((k, c), np.int32), np.ones(k, np.int32),
+                                     np.zeros(k, np.int32), np.zeros(k, np.float32),
+                                     np.zeros(k, np.int32), np.ones(k, np.float32),
+                                     np.zeros(k, np.uint32))
     page = _read_page_jit(self.cache, z, z, size=self.page)
     self.cache = _write_page_jit(self.cache, z, z, page)
     self.cache, tok = _decode_jit(self.model, self.params, self.cache, self._tok,
@@ -438,7 +463,7 @@ class Engine:
       try:
         self._drop_cancelled()
         self._admit()
-        self._prefill_one()
+        self._prefill()
         self._decode()
       except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
         log.exception("engine step failed")
@@ -496,32 +521,65 @@ class Engine:
       self._temp[i], self._top_k[i], self._top_p[i] = p.temperature, p.top_k, p.top_p
       self._seed[i], self._step[i] = p.seed % 2**32, 0
 
-  def _prefill_one(self) -> None:
-    """One chunk of the oldest prefilling request."""
-    waiting = [(s.handle.id, i) for i, s in enumerate(self._active) if s is not None and not s.decoding]
-    if not waiting:
-      return
-    i = min(waiting)[1]
-    s = self._active[i]
-    prompt = s.handle.prompt
-    rest = len(prompt) - s.pos
-    c = next((c for c in self.chunk_sizes if c >= rest), self.chunk_sizes[-1])
-    n = min(rest, c)
-    tokens = np.zeros(c, np.int32)
-    tokens[:n] = prompt[s.pos:s.pos + n]
-    self.cache, tok = _prefill_jit(self.model, self.params, self.cache, np.int32(i), tokens,
-                                   np.int32(n), np.int32(s.pos), self._temp[i], self._top_k[i],
-                                   self._top_p[i], self._seed[i])
-    s.pos += n
-    s.fed = s.pos
-    self.stats["prefill_chunks"] += 1
-    self.stats["prefill_tokens"] += n
-    if s.pos == len(prompt):
-      s.decoding = True
-      s.handle.first_token_at = time.perf_counter()
-      self._step[i] = 1
-      self._tok[i] = int(tok)
-      self._accept(i, int(tok))
+  def _chunk(self, i: int) -> int:
+    rest = len(self._active[i].handle.prompt) - self._active[i].pos
+    return next((c for c in self.chunk_sizes if c >= rest), self.chunk_sizes[-1])
+
+  def _prefill(self) -> None:
+    """The waiting prompts' chunks, oldest first, up to prefill_rows slots a call (those whose
+    next chunk has the oldest's size), until none is left or, while others decode, the step's
+    prefill_budget is spent."""
+    budget = self.prefill_budget if any(s is not None and s.decoding for s in self._active) else None
+    spent = 0
+    while budget is None or spent < budget:
+      waiting = sorted((s.handle.id, i) for i, s in enumerate(self._active)
+                       if s is not None and not s.decoding)
+      if not waiting:
+        return
+      c = self._chunk(waiting[0][1])
+      group = [i for _, i in waiting if self._chunk(i) == c]
+      k = max(r for r in self.prefill_rows if r <= len(group))
+      self._prefill_call(group[:k], c)
+      spent += k * c
+
+  def _prefill_call(self, rows: list[int], c: int) -> None:
+    k = len(rows)
+    tokens = np.zeros((k, c), np.int32)
+    n_valid, pos = np.zeros(k, np.int32), np.zeros(k, np.int32)
+    for r, i in enumerate(rows):
+      s = self._active[i]
+      n = min(len(s.handle.prompt) - s.pos, c)
+      tokens[r, :n] = s.handle.prompt[s.pos:s.pos + n]
+      n_valid[r], pos[r] = n, s.pos
+    idx = np.array(rows, np.int32)
+    self.cache, tok = _prefill_jit(self.model, self.params, self.cache, idx, tokens, n_valid, pos,
+                                   self._temp[idx], self._top_k[idx], self._top_p[idx],
+                                   self._seed[idx])
+    tok = self._wait(tok)
+    self.stats["prefill_calls"] += 1
+    self.stats["prefill_chunks"] += k
+    self.stats["prefill_tokens"] += int(n_valid.sum())
+    for r, i in enumerate(rows):
+      s = self._active[i]
+      s.pos += int(n_valid[r])
+      s.fed = s.pos
+      if s.pos == len(s.handle.prompt):
+        s.decoding = True
+        h = s.handle
+        h.first_token_at = time.perf_counter()
+        h.ttft_calls = tuple(a - b for a, b in zip(self.clock(), h.clock0))
+        self.first_tokens.append(h.ttft_calls)
+        self._step[i] = 1
+        self._tok[i] = int(tok[r])
+        self._accept(i, int(tok[r]))
+
+  def _wait(self, tok) -> np.ndarray:
+    """The sampled ids on the host; the time spent waiting for them is `stats["device_wait_s"]`
+    (the rest of the engine thread's time is its host work: Python, dispatch, the requests)."""
+    t = time.perf_counter()
+    tok = np.asarray(tok)
+    self.stats["device_wait_s"] += time.perf_counter() - t
+    return tok
 
   def _decode(self) -> None:
     active = np.array([s is not None and s.decoding for s in self._active])
@@ -529,7 +587,7 @@ class Engine:
       return
     self.cache, tok = _decode_jit(self.model, self.params, self.cache, self._tok, active,
                                   self._temp, self._top_k, self._top_p, self._seed, self._step)
-    tok = np.asarray(tok)
+    tok = self._wait(tok)
     self.stats["decode_steps"] += 1
     self.stats["decode_rows"] += int(active.sum())
     for i in np.flatnonzero(active):
