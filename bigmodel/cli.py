@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
   gin_args(ch)
   ch.add_argument("--system", default="", help="text put before the conversation")
   ch.add_argument("--template", default="", help="a user turn, with {prompt} (default: the run's "
-                  "DataConfig.prompt_template for a prompted-LM run, else 'User: {prompt}\nAssistant:')")
+                  "PromptedConfig.prompt_template for a prompted-LM run, else 'User: {prompt}\nAssistant:')")
   ch.add_argument("--max_new_tokens", type=int, default=128)
   ch.add_argument("--temperature", type=float, default=0.7)
   ch.add_argument("--top_k", type=int, default=0)

@@ -1,13 +1,18 @@
 """Gin glue: the frozen config dataclasses and the one place that parses gin.
 
-Every knob of a run lives in one of the dataclasses below; experiment files in
-`experiments/` bind them (`TrainConfig.train_steps = %TRAIN_STEPS`). Code takes
-the sub-config it needs, never the whole experiment.
+Every knob of a run lives in one of the dataclasses below, or in the task's own section,
+which lives with its objective in bigmodel/objectives (`Objective.config`: MlmConfig,
+ClassificationConfig, NerConfig, QaConfig, PromptedConfig, MathsConfig; `Experiment.task`).
+Experiment files in `experiments/` bind them (`TrainConfig.train_steps = %TRAIN_STEPS`).
+Code takes the sub-config it needs, never the whole experiment.
 
-Macros that every recipe understands (T5X style), with the defaults that
-`load` binds before any file is read:
+Macros that every recipe understands (T5X style): the run macros TRAIN_STEPS, BATCH_SIZE,
+SEQ_LEN, EVAL_EVERY, CHECKPOINT_EVERY, and with the default that `load` binds before any
+file is read:
 
     DATA_DIR    $BIGMODEL_DATA_DIR, or '' (then recipes fall back to TFDS)
+
+A binding or macro that building the Experiment never reads is an error (`unused_bindings`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Sequence
+import re
+from typing import Any, Sequence
 
 import gin
 
@@ -50,8 +56,6 @@ class ModelConfig:
   one_hot_embed: bool = False  # embedding lookup as a one-hot matmul
   init_std: float = 0.02
   type_vocab_size: int = 2     # encoder only: segment (token type) vocabulary
-  num_classes: int = 0         # classification heads (objective `classification`): classes
-  pooling: str = "cls"         # classification: cls (the pooler's tanh(dense([CLS]))) | mean (masked mean)
 
   def __post_init__(self):
     choices = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
@@ -92,65 +96,15 @@ class DataConfig:
   add_eos: bool = True
   seed: int = 0
   eval_batches: int = 20
-  # Masked LM + next-sentence pairs (objective `bert_mlm_nsp`), as google-research/bert's
-  # create_pretraining_data.py (its flag names in brackets). See bigmodel/data/bert.py.
-  mlm_probability: float = 0.15     # [masked_lm_prob]
-  mlm_max_predictions: int = 0      # [max_predictions_per_seq]; 0: 15% of seq_len rounded up to 4 (20 at 128, 80 at 512)
-  mlm_whole_word: bool = False      # [do_whole_word_mask]: mask all pieces of a word together
-  mlm_masking: str = "static"       # static: masks drawn once per copy | dynamic: redrawn at every visit
-  dupe_factor: int = 10             # [dupe_factor]: passes over the documents, each with fresh pairs (and masks)
-  short_seq_prob: float = 0.1       # [short_seq_prob]: a document's pairs target a random shorter length
-  # Task files (objective `classification`; see bigmodel/data/finetune.py): `files` and
-  # `val_files` name the train and eval file (TSV, CSV or JSONL).
-  text_columns: Sequence[str] = ()  # one column (a sentence) or two (a sentence pair)
-  label_column: str = ""
-  column_names: Sequence[str] = ()  # the columns of a headerless file (else its first line is the header)
-  labels: Sequence[str] = ()        # the label set in id order (default: inferred from the train file)
-  # --- token classification (NER) fields
-  # (objective `token_classification`; see bigmodel/data/ner.py). `files`/`val_files` are
-  # CoNLL column files; with no files, `tfds_name` (e.g. 'conll2003') is read instead.
-  token_column: int = 0             # CoNLL: the word column (0-based; -1 is the last)
-  tag_column: int = -1              # CoNLL: the tag column (0-based; -1 is the last)
-  ner_tag_scheme: str = "iob2"      # iob2 (BIO): tags as they are | iob1: converted to IOB2 on reading
-  ner_eval_seq_len: int = 0         # evaluation/prediction row length (0: seq_len)
-  ner_length_buckets: Sequence[int] = ()  # training: batches of similar-length sentences, each cut
-                                    # to the smallest of these lengths that holds it (() : seq_len)
-  ner_input_format: str = "auto"    # predict --input: auto | conll | text (one sentence a line)
-  ner_tfds_tokens_key: str = "tokens"  # TFDS: the words feature
-  ner_tfds_tags_key: str = "ner"    # TFDS: the tag feature (a sequence of ClassLabel)
-  ner_tfds_eval_split: str = "dev"  # TFDS: the evaluation split (conll2003: dev; others: validation)
-  # --- extractive QA fields
-  # (objective `qa`; see bigmodel/data/qa.py): `files` / `val_files` are SQuAD v1.1 JSON, or
-  # `tfds_name` ('squad', 'xquad/en') with the splits below.
-  doc_stride: int = 128             # sliding-window step over contexts longer than seq_len
-  max_query_len: int = 64           # questions are truncated to this many tokens
-  max_answer_len: int = 30          # decoding: the longest answer span, in tokens
-  n_best_size: int = 20             # decoding: start/end candidates per window
-  train_articles: str = ""          # article range 'START:END' of the train source ('' all)
-  eval_articles: str = ""           # ... of the eval source (the train file if val_files is empty)
-  tfds_train_split: str = "train"   # TFDS splits of tfds_name (xquad/en has only 'test')
-  tfds_eval_split: str = "validation"
-  # --- prompted decoder (SFT, translation) fields
-  # (objective `prompted_lm`; see bigmodel/data/prompted.py). SFT: `files`/`val_files` are
-  # TSV/CSV/JSONL with prompt and response columns; translation: `files`/`val_files` are the
-  # source side and `target_files`/`val_target_files` the line-aligned target side.
-  prompt_column: str = ""           # SFT: the prompt column (e.g. 'instruction')
-  response_column: str = ""         # SFT: the response column (e.g. 'response')
-  prompt_template: str = "{prompt}\n"  # the text before the response; {prompt} is the prompt/source
-  target_files: Sequence[str] = ()  # translation: target-language train file, line-aligned with files[0]
-  val_target_files: Sequence[str] = ()  # translation: target-language eval file
-  prompted_spm_vocab: int = 0       # >0: train a SentencePiece model of this size on the train text
-  prompted_spm_type: str = "unigram"  # unigram | bpe
-  prompted_pack: bool = True        # pack several examples into a row (segment ids keep them apart)
-  prompted_max_new_tokens: int = 0  # generation limit (evaluate/predict); 0: up to seq_len
-  prompted_samples: int = 5         # generated examples shown by `bigmodel evaluate`
-  prompted_eval_limit: int = 0      # evaluate: generate for at most this many eval rows (0: all)
+  # Task settings (text columns, labels, masking, QA windows, prompts...) live in each
+  # objective's own section (Objective.config in bigmodel/objectives): MlmConfig,
+  # ClassificationConfig, NerConfig, QaConfig, PromptedConfig, MathsConfig.
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  name: str = "adamw"               # adamw | adafactor | lamb
+  name: str = "adamw"               # adamw | adafactor | lamb | sgd (plain gradient descent)
   learning_rate: float = 1e-3
   warmup_steps: int = 100
   decay: str = "cosine"             # cosine | linear | constant
@@ -200,6 +154,42 @@ class TrainConfig:
   max_bad_steps: int = 5
 
 
+class TaskData:
+  """A task pipeline's settings: DataConfig's shared fields and the fields of its objective's
+  own section (`Experiment.task`: MlmConfig, ClassificationConfig, ...), read as attributes of
+  one object (`cfg.seq_len`, `cfg.text_columns`). The two never share a field name."""
+
+  def __init__(self, data: DataConfig, task=None):
+    object.__setattr__(self, "data", data)
+    object.__setattr__(self, "task", task)
+
+  def __getattr__(self, name):
+    task, data = self.__dict__.get("task"), self.__dict__.get("data")
+    for part in (task, data):
+      if part is not None and name in {f.name for f in dataclasses.fields(part)}:
+        return getattr(part, name)
+    raise AttributeError(f"neither DataConfig nor this task's section ({type(task).__name__}) "
+                         f"has a field {name!r}")
+
+  def __setattr__(self, name, value):
+    raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+  def __repr__(self):
+    return f"TaskData({self.data!r}, {self.task!r})"
+
+
+def task_config(section, **fields) -> TaskData:
+  """A TaskData from keyword fields, each given to DataConfig or to the task section class
+  `section` (ClassificationConfig, ...) by name: for code and tests that build a pipeline's
+  config by hand."""
+  own = {f.name for f in dataclasses.fields(section)}
+  unknown = set(fields) - own - {f.name for f in dataclasses.fields(DataConfig)}
+  if unknown:
+    raise ConfigError(f"neither DataConfig nor {section.__name__} has the field(s) {sorted(unknown)}")
+  return TaskData(DataConfig(**{k: v for k, v in fields.items() if k not in own}),
+                  section(**{k: v for k, v in fields.items() if k in own}))
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
   model: ModelConfig
@@ -207,15 +197,25 @@ class Experiment:
   optim: OptimConfig
   mesh: MeshConfig
   train: TrainConfig
+  task: Any = None      # the objective's own config section (`Objective.config`), or None
+
+  @property
+  def task_data(self):
+    """What the objective's input pipeline reads: DataConfig alone, or with the task section."""
+    return self.data if self.task is None else TaskData(self.data, self.task)
 
 
 MACRO_DEFAULTS = {"DATA_DIR": lambda: os.environ.get("BIGMODEL_DATA_DIR", "")}
+# The run macros that every recipe in experiments/ takes (and binds into TrainConfig/DataConfig).
+RUN_MACROS = ("TRAIN_STEPS", "BATCH_SIZE", "SEQ_LEN", "EVAL_EVERY", "CHECKPOINT_EVERY")
 
 
 def _format_gin_error(err: Exception) -> str:
   msg = str(err)
   hint = ("\nCheck the spelling against the configurables in bigmodel/config.py "
-          "(ModelConfig, DataConfig, OptimConfig, MeshConfig, TrainConfig) and their fields.")
+          "(ModelConfig, DataConfig, OptimConfig, MeshConfig, TrainConfig) and the task sections "
+          "of bigmodel/objectives (MlmConfig, ClassificationConfig, NerConfig, QaConfig, "
+          "PromptedConfig), and their fields.")
   return msg + hint
 
 
@@ -225,6 +225,7 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
 
   Raises ConfigError naming the file and binding at fault.
   """
+  from bigmodel import objectives  # noqa: F401  (registers the task sections with gin)
   gin.clear_config()
   file_dirs = [os.path.dirname(os.path.abspath(f)) for f in gin_files]
   for path in list(search_paths) + file_dirs + ["experiments", "."]:
@@ -244,19 +245,73 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
     raise ConfigError(f"in gin files {list(gin_files)}: {_format_gin_error(e)}") from None
   finally:
     root.setLevel(level)
+  read_by_files = _macro_references()
   for b in bindings:
     try:
       gin.parse_config(b)
     except (ValueError, KeyError, SyntaxError) as e:
       raise ConfigError(f"in command-line binding --gin.{b}: {_format_gin_error(e)}") from None
   try:
+    train = TrainConfig()
+    section = _task_section(train.objective)
     exp = Experiment(model=ModelConfig(), data=DataConfig(), optim=OptimConfig(),
-                     mesh=MeshConfig(), train=TrainConfig())
+                     mesh=MeshConfig(), train=train, task=section() if section else None)
   except (ValueError, TypeError, RuntimeError) as e:
     if isinstance(e, ConfigError):
       raise
+    macro = re.search(r"configurable 'macro' .* in scope '(\w+)'", str(e))
+    if macro:
+      raise ConfigError(f"the macro {macro.group(1)} has no value: set it in the recipe or with "
+                        f"--gin.{macro.group(1)}=VALUE") from None
     raise ConfigError(f"{e}\nSet the missing values in a gin file or with --gin.NAME=VALUE.") from None
+  # A command-line binding may replace a recipe binding that read a macro
+  # (--gin.TrainConfig.train_steps=5 over `= %TRAIN_STEPS`): the user chose that binding.
+  unused = [n for n in unused_bindings() if n not in read_by_files - _macro_references()]
+  if unused:
+    reads = f"; its objective {train.objective!r} reads " + (section.__name__ if section else
+                                                           "no task section")
+    raise ConfigError(
+        f"set but never read: {', '.join(unused)} (in {list(gin_files) or 'no gin file'} or "
+        f"the --gin. bindings). A macro counts when a binding that the run uses names it "
+        f"(TrainConfig.train_steps = %TRAIN_STEPS); a binding counts when its section is one "
+        f"the run builds (ModelConfig, DataConfig, OptimConfig, MeshConfig, TrainConfig{reads}). "
+        f"Fix the spelling or drop it.")
   return exp
+
+
+def _task_section(objective: str):
+  """The objective's config section class (None: it has none); ConfigError if unknown."""
+  from bigmodel import objectives
+  try:
+    return objectives.get(objective).config
+  except ValueError as e:
+    raise ConfigError(f"TrainConfig.objective: {e}") from None
+
+
+def _macro_references() -> set[str]:
+  """The macros that the parsed bindings name (`%NAME`)."""
+  from gin import config as gin_config
+  return {ref.config_key[0] for ref in gin_config.iterate_references(gin_config._CONFIG)   # pylint: disable=protected-access
+          if ref.config_key[1] == "gin.macro"}
+
+
+def unused_bindings() -> list[str]:
+  """The bindings and macros of the parsed config that building the Experiment never read
+  (gin's own tables: every binding against the operative config, which records the ones a
+  configurable call used). Macros that `load` binds by default (DATA_DIR) are exempt."""
+  from gin import config as gin_config
+  used = gin_config._OPERATIVE_CONFIG   # pylint: disable=protected-access
+  names = []
+  for (scope, selector), params in gin_config._CONFIG.items():   # pylint: disable=protected-access
+    if selector == "gin.macro":
+      if scope not in MACRO_DEFAULTS and (scope, selector) not in used:
+        names.append(scope)
+      continue
+    prefix = f"{scope}/" if scope else ""
+    for arg in params:
+      if arg not in used.get((scope, selector), {}):
+        names.append(f"{prefix}{selector.rsplit('.', 1)[-1]}.{arg}")
+  return sorted(names)
 
 
 def operative_config() -> str:

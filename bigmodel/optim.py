@@ -63,8 +63,10 @@ def make(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformati
   elif cfg.name == "adafactor":
     opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None,
                           weight_decay_mask=decay_mask)
+  elif cfg.name == "sgd":      # plain gradient descent, params -= lr * grad (experiments/maths)
+    opt = optax.sgd(lr)
   else:
-    raise ConfigError(f"OptimConfig.name={cfg.name!r}: expected adamw, adafactor or lamb")
+    raise ConfigError(f"OptimConfig.name={cfg.name!r}: expected adamw, adafactor, lamb or sgd")
   if cfg.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
   return opt, lr

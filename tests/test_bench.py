@@ -200,7 +200,7 @@ def test_flops_count_the_vocab_projection_only_where_an_objective_applies_it():
   attn = 12 * 2 * 4 * 8 * t
   assert bert.flops_per_token() == pytest.approx(6 * (n - (1 - 20 / t) * head) + attn)
   # a classifier never projects onto the vocabulary: its V*d lookup costs nothing
-  cls = _components(base + ["TrainConfig.objective = 'classification'", "ModelConfig.num_classes = 3",
+  cls = _components(base + ["TrainConfig.objective = 'classification'", "ClassificationConfig.num_classes = 3",
                             "ModelConfig.pre_norm = False"])
   n = state_lib.param_count(cls.abstract.params, exclude=("pos_embed",))
   assert cls.flops_per_token() == pytest.approx(6 * (n - v * d) + attn)

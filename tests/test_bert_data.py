@@ -1,16 +1,20 @@
 """BERT pretraining data: masking statistics, next-sentence pairs, determinism and resume."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
 
-from bigmodel.config import DataConfig
+from bigmodel.config import task_config
+from bigmodel.objectives.bert import MlmConfig
 from bigmodel.data import bert, lm
 from bigmodel.data.sources import DataError
 
 V = 1000
 PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
+
+mlm_cfg = functools.partial(task_config, MlmConfig)   # DataConfig and MlmConfig fields
 
 
 def _vocab(word_start=None):
@@ -193,7 +197,7 @@ def _cfg(corpus, **kw):
   base = dict(files=[str(corpus)], documents="blank_line", tokenizer="spm:56", seq_len=32,
               dupe_factor=3, eval_batches=3, val_fraction=0.2)
   base.update(kw)
-  return DataConfig(**base)
+  return mlm_cfg(**base)
 
 
 def test_pipeline_batches_resume_and_eval_padding(text_corpus, cache):

@@ -21,7 +21,7 @@ def _tiny(corpus, seq, steps):
       "ModelConfig.vocab_size = 56", "ModelConfig.d_model = 32", "ModelConfig.num_layers = 2",
       "ModelConfig.num_heads = 2", "ModelConfig.d_ff = 64", "ModelConfig.max_len = 64",
       f"DataConfig.files = ['{corpus}']", "DataConfig.documents = 'blank_line'",
-      "DataConfig.tokenizer = 'spm:56'", "DataConfig.dupe_factor = 2", "DataConfig.eval_batches = 2",
+      "DataConfig.tokenizer = 'spm:56'", "MlmConfig.dupe_factor = 2", "DataConfig.eval_batches = 2",
       "DataConfig.val_fraction = 0.2",
       f"SEQ_LEN = {seq}", "BATCH_SIZE = 8", f"TRAIN_STEPS = {steps}", "WARMUP_STEPS = 2",
       "EVAL_EVERY = 3", "TrainConfig.log_every = 2", "TrainConfig.peak_flops = 1e11",

@@ -1,14 +1,19 @@
 """Figures that mean what they say: accuracy under ties, each validation row scored once,
 the MFU peak, the host recorded with bench figures, and control tokens in raw text."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigmodel.config import DataConfig
+from bigmodel.config import DataConfig, task_config
+from bigmodel.objectives.bert import MlmConfig
 from bigmodel.data import lm
 from bigmodel.objectives import lm as lm_objective
+
+mlm_cfg = functools.partial(task_config, MlmConfig)   # DataConfig and MlmConfig fields
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ def test_bert_pretraining_rows_get_control_tokens_only_where_the_pipeline_puts_t
   corpus = write_corpus(tmp_path / "corpus.txt", n_docs=16)
   text = corpus.read_text().replace(" .", " said [MASK] and [SEP] then [CLS] .")
   corpus.write_text(text)
-  data = bert.BertData.build(DataConfig(files=[str(corpus)], documents="blank_line", tokenizer="spm:56",
+  data = bert.BertData.build(mlm_cfg(files=[str(corpus)], documents="blank_line", tokenizer="spm:56",
                                         seq_len=32, dupe_factor=1, eval_batches=2, val_fraction=0.2))
   vocab = data.vocab
   for b in data.eval_batches(8).as_numpy_iterator():

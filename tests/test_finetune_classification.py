@@ -51,13 +51,12 @@ def test_encode_pairs_truncates_and_counts(tiny_init):
 
 
 def test_pooling_choices_differ_and_mean_ignores_padding():
-  cfg = ModelConfig(vocab_size=40, d_model=16, num_layers=1, num_heads=2, max_len=16, num_classes=3,
-                    pre_norm=False)
+  cfg = ModelConfig(vocab_size=40, d_model=16, num_layers=1, num_heads=2, max_len=16, pre_norm=False)
   ids = jnp.array([[2, 5, 6, 3, 0, 0]])
   mask = jnp.array([[1, 1, 1, 1, 0, 0]])
   outs = {}
   for pooling in ("cls", "mean"):
-    m = EncoderClassifier(cfg.__class__(**{**cfg.__dict__, "pooling": pooling}))
+    m = EncoderClassifier(cfg, num_classes=3, pooling=pooling)
     p = jax.jit(m.init)(jax.random.key(0), ids, None, mask)["params"]
     assert set(p) >= {"embed", "blocks", "pooler", "classifier"} and "mlm" not in p
     apply = jax.jit(m.apply)                   # one compile for both calls, not op by op

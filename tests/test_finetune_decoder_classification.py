@@ -2,6 +2,7 @@
 model reads only real tokens, rows are `A (EOS B) EOS`, and a tiny GPT trained with
 `bigmodel train` fine-tunes, evaluates and predicts through the CLI."""
 
+import functools
 import json
 import os
 
@@ -12,7 +13,8 @@ import pytest
 from flax import linen as nn
 
 from bigmodel import cli
-from bigmodel.config import DataConfig, ModelConfig
+from bigmodel.config import ModelConfig, task_config
+from bigmodel.objectives.classification import ClassificationConfig
 from bigmodel.data import finetune as ft
 from bigmodel.data import readers, tokenizers
 from bigmodel.data.sources import DataError
@@ -22,11 +24,13 @@ from tests import helpers
 from tests.test_finetune_classification import _run, _sentiment
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "experiments", "finetune", "sst2_gpt_fast.gin")
-CFG = ModelConfig(vocab_size=257, d_model=16, num_layers=2, num_heads=2, max_len=16, num_classes=3)
+CFG = ModelConfig(vocab_size=257, d_model=16, num_layers=2, num_heads=2, max_len=16)
+
+cls_cfg = functools.partial(task_config, ClassificationConfig)   # DataConfig and ClassificationConfig fields
 
 
 def test_decoder_classifier_reads_the_last_real_token_and_shares_the_gpt_tree():
-  model = DecoderClassifier(CFG)
+  model = DecoderClassifier(CFG, num_classes=3)
   apply = jax.jit(model.apply)                 # compiled once for its three calls, not op by op
   ids = jnp.array([[5, 6, 7, 256, 0, 0], [9, 256, 0, 0, 0, 0]])
   mask = (jnp.arange(6)[None] < jnp.array([[4], [2]])).astype(jnp.int32)
@@ -99,7 +103,7 @@ def test_classification_reads_tfds_splits():
   with pytest.raises(DataError, match="tfds:NAME:SPLIT"):
     readers.parse_tfds_spec("tfds:glue/sst2")
   assert readers.resolve("tfds:glue/sst2:train", "/data") == "tfds:glue/sst2:train"
-  cfg = DataConfig(files=["tfds:glue/sst2:train"], val_files=["tfds:glue/sst2:validation"],
+  cfg = cls_cfg(files=["tfds:glue/sst2:train"], val_files=["tfds:glue/sst2:validation"],
                    text_columns=["sentence"], label_column="label", labels=["0", "1"], seq_len=16)
   with tfds.testing.mock_data(num_examples=6):
     data = ft.ClassificationData.build(cfg, tokenizers.ByteTokenizer(), decoder=True)

@@ -2,6 +2,7 @@
 end (convert a tiny BERT, `finetune` on generated CoNLL files with conll2003_fast.gin,
 `evaluate`, `predict`), clear errors, and the TFDS `conll2003` path on mock data."""
 
+import functools
 import json
 import os
 import random
@@ -15,7 +16,8 @@ import tensorflow_datasets as tfds
 from flax import linen as nn
 
 from bigmodel import cli
-from bigmodel.config import DataConfig, ModelConfig
+from bigmodel.config import ModelConfig, task_config
+from bigmodel.objectives.token_classification import NerConfig
 from bigmodel.data import hf_tokenizers, ner, tokenizers
 from bigmodel.data.sources import DataError
 from bigmodel.evaluation import metrics
@@ -28,6 +30,8 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "experiments", "finetune"
 FILLER = "the a is was sat on quick brown over lazy and".split()
 # entity mentions (words of the tiny WordPiece vocabulary; 'running' is 'run ##ing')
 ENTITIES = {"PER": [["fox"], ["customer", "agent"]], "LOC": [["mat"], ["running", "world"]]}
+
+ner_cfg = functools.partial(task_config, NerConfig)   # DataConfig and NerConfig fields
 
 
 def _sentences(n, seed, max_filler=5):
@@ -108,7 +112,7 @@ def test_tag_helpers_and_input_detection(tmp_path):
       ["B-PER", "I-PER", "O", "B-LOC", "B-LOC", "B-ORG"]
   s = ner.infer_tags([(["a"] * 5, ["I-PER", "O", "B-PER", "B-LOC", "I-LOC"])])
   assert s.names == ("O", "B-LOC", "I-LOC", "B-PER", "I-PER")
-  cfg = DataConfig(tag_column=2)
+  cfg = ner_cfg(tag_column=2)
   conll = _write_conll(tmp_path / "in.txt", _sentences(3, 0), final_newline=False)
   words, gold = ner.read_words(conll, cfg)
   assert len(words) == 3 and [len(g) for g in gold] == [len(w) for w in words]
@@ -124,11 +128,11 @@ def test_tag_helpers_and_input_detection(tmp_path):
 def test_loss_ignores_non_first_subwords_and_padding(tiny_init):
   tok = hf_tokenizers.load(tiny_init)
   cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, num_layers=1, num_heads=2, max_len=16,
-                    num_classes=5, pre_norm=False)
+                    pre_norm=False)
   sents = [["the", "running", "fox", "unbelievable"], ["customer", "agent"]]
   t = ner.encode(tok, sents, 12, [np.array([0, 3, 1, 0]), np.array([1, 2])])
   batch = {k: jnp.asarray(v) for k, v in ner.rows(t, np.arange(2), np.ones(2)).items()}
-  model = EncoderTagger(cfg)
+  model = EncoderTagger(cfg, num_classes=5)
   params = jax.jit(model.init)(jax.random.key(0), *tc.model_args(batch))["params"]
   assert set(params) >= {"embed", "blocks", "tagger"} and "mlm" not in params
   assert nn.unbox(params)["tagger"]["kernel"].shape == (16, 5)
@@ -159,7 +163,7 @@ def test_loss_ignores_non_first_subwords_and_padding(tiny_init):
 def test_length_buckets_are_a_pure_function_of_the_step(tiny_init, tmp_path):
   train = _write_conll(tmp_path / "train.txt", _sentences(50, 0, max_filler=12))
   dev = _write_conll(tmp_path / "dev.txt", _sentences(9, 1))
-  cfg = DataConfig(files=[train], val_files=[dev], seq_len=32, ner_length_buckets=(8, 16))
+  cfg = ner_cfg(files=[train], val_files=[dev], seq_len=32, ner_length_buckets=(8, 16))
   tok = hf_tokenizers.load(tiny_init)
   a, b = ner.NerData.build(cfg, tok), ner.NerData.build(cfg, tok)
   seen = []
@@ -218,7 +222,7 @@ def test_finetune_evaluate_predict_cli(tiny_init, tmp_path, capsys):
   long = " ".join(["the"] * 30 + ["fox"])
   text.write_text(f"the Fox sat on the mat\n{long}\n")
   _run(capsys, "predict", "--workdir", work, "--input", str(text), "--out", preds_path,
-       "--gin.DataConfig.ner_eval_seq_len=16")
+       "--gin.NerConfig.ner_eval_seq_len=16")
   preds = [json.loads(line) for line in open(preds_path)]
   assert preds[0]["tokens"] == "the Fox sat on the mat".split()
   assert preds[0]["tags"] == ["O", "B-PER", "O", "O", "O", "B-LOC"], preds[0]
@@ -226,7 +230,7 @@ def test_finetune_evaluate_predict_cli(tiny_init, tmp_path, capsys):
   assert preds[1]["tags"][14:] == ["O"] * 17
 
   # evaluate with short rows: dropped words count as O (gold entities there are missed)
-  res16 = json.loads(_run(capsys, "evaluate", "--workdir", work, "--gin.DataConfig.ner_eval_seq_len=5"))
+  res16 = json.loads(_run(capsys, "evaluate", "--workdir", work, "--gin.NerConfig.ner_eval_seq_len=5"))
   assert res16["truncated_words"] > 0 and res16["words"] == res["words"]
   assert res16["recall"] < res["recall"]
 
@@ -254,9 +258,9 @@ def test_errors_are_clear(tiny_init, tmp_path, capsys):
   bad = tmp_path / "bad.txt"
   bad.write_text("the NN O\nfox NN B-PER\n\nthe NN O\nmat NN B-ORG\n")
   err = fails(f"--gin.TRAIN_FILE='{train}'", f"--gin.EVAL_FILE='{bad}'")
-  assert "bad.txt, line 5: the tag 'B-ORG'" in err and "DataConfig.labels" in err
+  assert "bad.txt, line 5: the tag 'B-ORG'" in err and "NerConfig.labels" in err
   err = fails(f"--gin.TRAIN_FILE='{train}'", f"--gin.EVAL_FILE='{dev}'", "--gin.NUM_TAGS=3")
-  assert "5 tags but ModelConfig.num_classes=3" in err
+  assert "5 tags but NerConfig.num_classes=3" in err
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -281,7 +285,7 @@ def _mock_conll2003(sentences, names):
 def test_tfds_conll2003_with_mock_data(tiny_init):
   names = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
   splits = {"train": _sentences(12, 0), "dev": _sentences(5, 1)}
-  cfg = DataConfig(tfds_name="conll2003", files=[""], val_files=[""], seq_len=24)
+  cfg = ner_cfg(tfds_name="conll2003", files=[""], val_files=[""], seq_len=24)
   with _mock_conll2003(splits, names):
     data = ner.NerData.build(cfg, hf_tokenizers.load(tiny_init))
   assert data.labels.names == tuple(names)          # the ClassLabel order, not inferred

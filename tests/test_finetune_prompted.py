@@ -3,6 +3,7 @@ readers, batched greedy decoding against `sample.generate`, SFT and translation 
 through the CLI (finetune, evaluate, predict) on small generated files, and the errors."""
 
 import csv
+import functools
 import json
 import logging
 import os
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 from bigmodel import cli
-from bigmodel.config import DataConfig, ModelConfig
+from bigmodel.config import ModelConfig, task_config
+from bigmodel.objectives.prompted_lm import PromptedConfig
 from bigmodel.data import prompted as pd
 from bigmodel.data import readers, tokenizers
 from bigmodel.data.sources import DataError
@@ -31,6 +33,8 @@ EN = "man woman dog cat red big small runs sits eats the a".split()
 DE = "mann frau hund katze rot gross klein rennt sitzt isst der ein".split()
 INTENTS = {"cancel": "Press Cancel.", "refund": "Refund in 5 days.\nBye.", "address": "Edit Profile."}
 VERBS = ["how do I", "I want to", "help me", "can you", "please"]
+
+prompted_cfg = functools.partial(task_config, PromptedConfig)   # DataConfig and PromptedConfig fields
 
 
 def _fail(capsys, *args) -> str:
@@ -115,7 +119,7 @@ def test_truncation_keeps_prompt_end_and_response_start(caplog, tmp_path):
   tgt = tmp_path / "s.de"
   src.write_text("a b\n" + "long " * 30 + "\n" + "c\n")
   tgt.write_text("x\ny\n" + "z " * 40 + "\n")
-  cfg = DataConfig(files=[str(src)], target_files=[str(tgt)], val_files=[str(src)],
+  cfg = prompted_cfg(files=[str(src)], target_files=[str(tgt)], val_files=[str(src)],
                    val_target_files=[str(tgt)], tokenizer="byte", seq_len=32, prompted_pack=False)
   with caplog.at_level(logging.WARNING):
     data = pd.PromptedData.build(cfg)
@@ -138,13 +142,13 @@ def test_readers_on_tiny_fixtures(tmp_path):
   assert pd.read_sft(str(jl), "q", "a") == (["hello", "x"], ["hi there\nbye", "y"])
   assert pd.read_sft(str(jl), "q") == (["hello", "x"], None)
   src, tgt = _parallel(tmp_path, "p", 5, 0)
-  cfg = DataConfig(files=[src], target_files=[tgt])
-  train, held = pd.load_pairs(cfg.__class__(**{**cfg.__dict__, "val_fraction": 0.4}))
+  cfg = prompted_cfg(files=[src], target_files=[tgt])
+  train, held = pd.load_pairs(prompted_cfg(files=[src], target_files=[tgt], val_fraction=0.4))
   assert len(train) == 3 and len(held) == 2
   assert sorted(train.prompts + held.prompts) == sorted(open(src).read().splitlines())
-  again = pd.load_pairs(cfg.__class__(**{**cfg.__dict__, "val_fraction": 0.4}))[1]
+  again = pd.load_pairs(prompted_cfg(files=[src], target_files=[tgt], val_fraction=0.4))[1]
   assert again.prompts == held.prompts                      # seeded: the same rows every time
-  other = pd.load_pairs(cfg.__class__(**{**cfg.__dict__, "val_fraction": 0.4, "seed": 3}))[1]
+  other = pd.load_pairs(prompted_cfg(files=[src], target_files=[tgt], val_fraction=0.4, seed=3))[1]
   assert len(other) == 2
   assert pd.read_eval_pairs(cfg, src).responses == open(tgt).read().splitlines()   # p.en -> p.de
   assert pd.read_eval_pairs(cfg, f"{src},{tgt}").prompts == open(src).read().splitlines()
@@ -233,7 +237,7 @@ def test_sft_cli_from_pretrained_gpt(tmp_path, capsys):
   work = str(tmp_path / "sft")
   args = ["--gin_file", SFT_FAST, *shape, f"--gin.INIT_CHECKPOINT='{pre}'", "--gin.SPM_VOCAB=0",
           "--gin.SEQ_LEN=64", f"--gin.TRAIN_FILE='{train}'", "--gin.TRAIN_STEPS=200",
-          "--gin.DataConfig.prompted_max_new_tokens=0"]
+          "--gin.PromptedConfig.prompted_max_new_tokens=0"]
   out = _run(capsys, "finetune", *args, "--workdir", work)
   assert "initialized params from" in out
   assert json.load(open(os.path.join(work, "tokenizer.json")))["type"] == "byte"

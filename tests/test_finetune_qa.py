@@ -2,6 +2,7 @@
 context text, bad input, TFDS (mock data), and `bigmodel finetune` / `evaluate` / `predict`
 end to end on a generated SQuAD file from a tiny BERT trunk (xquad_fast.gin)."""
 
+import functools
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ import tensorflow as tf
 from flax import linen as nn
 
 from bigmodel import cli
-from bigmodel.config import DataConfig, ModelConfig
+from bigmodel.config import ModelConfig, task_config
+from bigmodel.objectives.qa import QaConfig
 from bigmodel.data import hf_tokenizers
 from bigmodel.data import qa
 from bigmodel.data.sources import DataError
@@ -28,6 +30,8 @@ RECIPE = os.path.join(os.path.dirname(__file__), "..", "experiments", "finetune"
 FILLER = "the a is was sat on and or not to of in it this that hello world".split()
 # question -> the answer phrase it asks for; both phrases sit in every context
 QUESTIONS = {"what jumps ?": "quick brown fox", "who is the agent ?": "lazy cat"}
+
+qa_cfg = functools.partial(task_config, QaConfig)   # DataConfig and QaConfig fields
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +240,7 @@ def test_span_model_shapes_and_padding():
 
 def test_article_ranges_split_one_file(tmp_path, tok):
   path = _write(tmp_path / "s.json", _generated(n_articles=4, per_article=3))
-  cfg = DataConfig(files=[path], val_files=[""], train_articles="0:3", eval_articles="3:4",
+  cfg = qa_cfg(files=[path], val_files=[""], train_articles="0:3", eval_articles="3:4",
                    seq_len=32, doc_stride=8, max_query_len=12)
   d = qa.QAData.build(cfg, tok)
   assert {r["article"] for r in d.val_records} == {3} and len(d.val_records) == 3
@@ -264,23 +268,23 @@ def test_bad_input_is_a_clear_error(tmp_path, tok, caplog):
   good = _generated(n_articles=2, per_article=4)
   path = _write(tmp_path / "s.json", good)
   for spec in ("0:3", "1:1", "x", "2:"):
-    cfg = DataConfig(files=[path], train_articles=spec, seq_len=32)
+    cfg = qa_cfg(files=[path], train_articles=spec, seq_len=32)
     with pytest.raises(DataError, match="article|outside"):
       qa.load_records(cfg, "train")
   with pytest.raises(DataError, match=r"'0:3' is outside the 2 articles"):
-    qa.load_records(DataConfig(files=[path], train_articles="0:3"), "train")
+    qa.load_records(qa_cfg(files=[path], train_articles="0:3"), "train")
   # answer_start that does not match the text: warned, counted, skipped for training
   good["data"][0]["paragraphs"][1]["qas"][0]["answers"][0]["answer_start"] += 1
   good["data"][0]["paragraphs"][2]["qas"][0]["answers"][0]["answer_start"] = 10_000
   path = _write(tmp_path / "off.json", good)
-  cfg = DataConfig(files=[path], train_articles="0:1", eval_articles="1:2", seq_len=32,
+  cfg = qa_cfg(files=[path], train_articles="0:1", eval_articles="1:2", seq_len=32,
                    doc_stride=8, max_query_len=12)
   with caplog.at_level(logging.WARNING, logger="bigmodel.data.qa"):
     d = qa.QAData.build(cfg, tok)
   assert "2 question(s) whose answer_start does not match" in caplog.text
   assert len({int(i) for i in d.train.example_index}) == 2
   with pytest.raises(DataError, match="needs data"):
-    qa.load_records(DataConfig(), "train")
+    qa.load_records(qa_cfg(), "train")
   with pytest.raises(DataError, match="leaves no room"):
     qa.featurize(tok, [_record("the dog", "what is the dog ?", "dog")], 8, 4, 8)
 
@@ -331,22 +335,22 @@ def test_tfds_squad_and_xquad_with_mock_data(tmp_path, tok):
   recs = qa.read_file(path)
   fake = _tfds_fake({"train": recs[:9], "validation": recs[9:], "test": recs})
   with tfds.testing.mock_data(as_dataset_fn=fake):
-    d = qa.QAData.build(DataConfig(files=[""], tfds_name="squad", seq_len=32, doc_stride=8,
+    d = qa.QAData.build(qa_cfg(files=[""], tfds_name="squad", seq_len=32, doc_stride=8,
                                    max_query_len=12), tok)
     assert len(d.val_records) == 3 and d.val_records[0]["context"] == recs[9]["context"]
     assert len({int(i) for i in d.train.example_index}) == 9
-    cfg = DataConfig(tfds_name="xquad/en", tfds_train_split="test", tfds_eval_split="test",
+    cfg = qa_cfg(tfds_name="xquad/en", tfds_train_split="test", tfds_eval_split="test",
                      train_articles="0:3", eval_articles="3:4", seq_len=32, doc_stride=8,
                      max_query_len=12)
     d = qa.QAData.build(cfg, tok)
     assert [r["id"] for r in d.val_records] == [r["id"] for r in recs[9:]]
-    recs_tfds, _ = qa.load_records(DataConfig(files=["tfds:xquad/en:test"], train_articles="1:2"),
+    recs_tfds, _ = qa.load_records(qa_cfg(files=["tfds:xquad/en:test"], train_articles="1:2"),
                                    "train")
     assert [r["question"] for r in recs_tfds] == [r["question"] for r in recs[3:6]]
   # the random examples of plain mock_data: answers never match, so nothing to train on
   with tfds.testing.mock_data(num_examples=4):
     with pytest.raises(DataError, match="no question has an answer"):
-      qa.QAData.build(DataConfig(tfds_name="squad", seq_len=32), tok)
+      qa.QAData.build(qa_cfg(tfds_name="squad", seq_len=32), tok)
 
 
 # ----------------------------------------------------------------------------- end to end

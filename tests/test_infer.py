@@ -246,7 +246,7 @@ def test_conversation_history_and_trimming():
   assert text == "fine, thanks" and tok.decode(kept) == " fine, thanks\n"
   # an SFT run's template is used, with EOS between turns
   exp = types.SimpleNamespace(train=types.SimpleNamespace(objective="prompted_lm"),
-                              data=types.SimpleNamespace(prompt_template="Q: {prompt}\nA:"))
+                              task=types.SimpleNamespace(prompt_template="Q: {prompt}\nA:"))
   assert chat.resolve_template(exp) == ("Q: {prompt}\nA:", True)
   exp.train.objective = "causal_lm"
   assert chat.resolve_template(exp) == (chat.PLAIN_TEMPLATE, False)

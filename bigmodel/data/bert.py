@@ -543,7 +543,7 @@ class BertData:
                     host_rows: tuple[int, int] | None = None) -> tf.data.Dataset:
     if global_batch > len(self.train):
       raise DataError(f"the training data makes {len(self.train)} pairs, fewer than one batch of "
-                      f"{global_batch}; add data, raise DataConfig.dupe_factor, or lower BATCH_SIZE")
+                      f"{global_batch}; add data, raise MlmConfig.dupe_factor, or lower BATCH_SIZE")
     stop = np.iinfo(np.int64).max // (2 * global_batch)
     return self._dataset(self.train_rows, global_batch, start_step, stop, host_rows)
 
@@ -561,13 +561,13 @@ def _check(cfg: DataConfig) -> None:
     raise DataError(f"DataConfig.seq_len={cfg.seq_len}: BERT pairs need at least 8 "
                     f"([CLS] A [SEP] B [SEP] with room for both sentences)")
   if cfg.mlm_masking not in MASKINGS:
-    raise DataError(f"DataConfig.mlm_masking={cfg.mlm_masking!r}: expected one of {MASKINGS}")
+    raise DataError(f"MlmConfig.mlm_masking={cfg.mlm_masking!r}: expected one of {MASKINGS}")
   if not 0 < cfg.mlm_probability < 1:
-    raise DataError(f"DataConfig.mlm_probability={cfg.mlm_probability}: expected 0 < p < 1")
+    raise DataError(f"MlmConfig.mlm_probability={cfg.mlm_probability}: expected 0 < p < 1")
   if not 0 <= cfg.short_seq_prob <= 1:
-    raise DataError(f"DataConfig.short_seq_prob={cfg.short_seq_prob}: expected 0 <= p <= 1")
+    raise DataError(f"MlmConfig.short_seq_prob={cfg.short_seq_prob}: expected 0 <= p <= 1")
   if cfg.dupe_factor < 1:
-    raise DataError(f"DataConfig.dupe_factor={cfg.dupe_factor}: expected >= 1")
+    raise DataError(f"MlmConfig.dupe_factor={cfg.dupe_factor}: expected >= 1")
   if cfg.mlm_max_predictions < 0 or cfg.mlm_max_predictions > cfg.seq_len:
-    raise DataError(f"DataConfig.mlm_max_predictions={cfg.mlm_max_predictions}: expected 0 (auto) "
+    raise DataError(f"MlmConfig.mlm_max_predictions={cfg.mlm_max_predictions}: expected 0 (auto) "
                     f"to seq_len={cfg.seq_len}")

@@ -2,10 +2,10 @@
 
   DataConfig.files[0]      the train file; DataConfig.val_files[0] the eval file (relative
                            paths that do not exist here are read under DataConfig.data_dir)
-  DataConfig.text_columns  one column (single sentences) or two (sentence pairs)
-  DataConfig.label_column  the label; DataConfig.labels the label set in id order, else
+  ClassificationConfig.text_columns  one column (single sentences) or two (sentence pairs)
+  ClassificationConfig.label_column  the label; ClassificationConfig.labels the label set in id order, else
                            inferred from the train file (an unseen eval label is an error)
-  DataConfig.column_names  for headerless files
+  ClassificationConfig.column_names  for headerless files
   DataConfig.seq_len       rows are truncated to it (pairs: the longer side first); the count
                            of truncated rows is logged
 
@@ -141,9 +141,9 @@ class ClassificationData(KeyedTable):
     if not cfg.files:
       raise DataError("classification needs a train file: DataConfig.files = [%TRAIN_FILE]")
     if not cfg.text_columns:
-      raise DataError("classification needs DataConfig.text_columns (TEXT_COLUMNS): the text column(s)")
+      raise DataError("classification needs ClassificationConfig.text_columns (TEXT_COLUMNS): the text column(s)")
     if not cfg.label_column:
-      raise DataError("classification needs DataConfig.label_column (LABEL_COLUMN)")
+      raise DataError("classification needs ClassificationConfig.label_column (LABEL_COLUMN)")
     if tokenizer is None:
       tokenizer = tokenizers.build(cfg.tokenizer)
     train_path = readers.resolve(cfg.files[0], cfg.data_dir)

@@ -5,15 +5,15 @@ Sources (`NerData.build`):
   DataConfig.files[0], val_files[0]   CoNLL column files (blank lines between sentences,
                                       `-DOCSTART-` lines skipped; relative paths that do not
                                       exist here are read under DataConfig.data_dir)
-  DataConfig.token_column, tag_column the word and tag columns (0-based; -1 is the last)
+  NerConfig.token_column, tag_column the word and tag columns (0-based; -1 is the last)
   DataConfig.tfds_name                with no files: a TFDS CoNLL dataset (e.g. 'conll2003':
                                       `ner_tfds_tokens_key`, `ner_tfds_tags_key`, splits
                                       'train' and `ner_tfds_eval_split`)
-  DataConfig.labels                   the tag set in id order; default: inferred from the
+  NerConfig.labels                   the tag set in id order; default: inferred from the
                                       train data ('O' first, then by type, B- before I-), or
                                       the TFDS ClassLabel names. A tag of the eval data
                                       outside the set is an error that names it and its line.
-  DataConfig.ner_tag_scheme           'iob2' (BIO; tags used as they are) or 'iob1'
+  NerConfig.ner_tag_scheme           'iob2' (BIO; tags used as they are) or 'iob1'
                                       (converted to IOB2 when read)
 
 Alignment: each word is tokenized on its own (the imported WordPiece encodes the pre-split
@@ -33,7 +33,7 @@ kept words of rows of seq_len.)
 Batches are a pure function of (seed, step), as in `data/finetune.py`. Batch (numpy, this
 host's rows): input_ids, input_mask, segment_ids, labels int32 [b, s] (labels 0 where
 ignored), label_weights float32 [b, s] (1 on first sub-words of real rows, else 0).
-With `DataConfig.ner_length_buckets` (e.g. [16, 32, 64, 128]) s varies by batch: sentences
+With `NerConfig.ner_length_buckets` (e.g. [16, 32, 64, 128]) s varies by batch: sentences
 of similar length are batched together (sorted within windows of 50 batches of each
 epoch's permutation, the batch order shuffled) and each batch is cut to the smallest
 bucket that holds its longest row, so little compute goes to padding (one compile per
@@ -104,7 +104,7 @@ def tag_ids(label_set: readers.LabelSet, sentences: Sequence[Sentence], path: st
         shown = list(label_set.names) if len(label_set) <= 30 else list(label_set.names[:30]) + ["..."]
         at = f"line {where}" if where else f"sentence {s + 1}, word {w + 1}"
         raise DataError(f"{path}, {at}: the tag {tag!r} (word {words[w]!r}) is not in the tag set "
-                        f"{shown}. Set DataConfig.labels (LABELS) to the full tag set (by "
+                        f"{shown}. Set NerConfig.labels (LABELS) to the full tag set (by "
                         f"default it is inferred from the training data).")
     out.append(np.asarray([index[t] for t in tags], np.int32))
   return out
@@ -132,12 +132,12 @@ def _find_tag_line(path: str, tag: str, tag_column: int) -> int | None:
 def read_conll(path: str, cfg: DataConfig) -> list[Sentence]:
   """Sentences of a CoNLL file (readers.read_conll), tags converted per ner_tag_scheme."""
   if cfg.ner_tag_scheme not in SCHEMES:
-    raise DataError(f"DataConfig.ner_tag_scheme={cfg.ner_tag_scheme!r}: expected one of {SCHEMES}")
+    raise DataError(f"NerConfig.ner_tag_scheme={cfg.ner_tag_scheme!r}: expected one of {SCHEMES}")
   try:
     sentences = readers.read_conll(path, cfg.token_column, cfg.tag_column)
   except DataError as e:
     if "columns, but" in str(e):
-      raise DataError(f"{e}. Set TOKEN_COLUMN / TAG_COLUMN (DataConfig.token_column, "
+      raise DataError(f"{e}. Set TOKEN_COLUMN / TAG_COLUMN (NerConfig.token_column, "
                       f"tag_column; 0-based, -1 is the last column).") from None
     raise
   if cfg.ner_tag_scheme == "iob1":
@@ -156,7 +156,7 @@ def read_words(path: str, cfg: DataConfig) -> tuple[list[list[str]], list[list[s
   text = readers._read_text(path)
   fmt = cfg.ner_input_format
   if fmt not in INPUT_FORMATS:
-    raise DataError(f"DataConfig.ner_input_format={fmt!r}: expected one of {INPUT_FORMATS}")
+    raise DataError(f"NerConfig.ner_input_format={fmt!r}: expected one of {INPUT_FORMATS}")
   lines = text.splitlines()
   if fmt == "auto":
     fmt = "conll" if _looks_like_conll(lines) else "text"
@@ -177,7 +177,7 @@ def read_words(path: str, cfg: DataConfig) -> tuple[list[list[str]], list[list[s
       tok = fields[cfg.token_column]
     except IndexError:
       raise DataError(f"{path}, line {n}: {len(fields)} columns, but the token column is "
-                      f"{cfg.token_column}. Set TOKEN_COLUMN (DataConfig.token_column).") from None
+                      f"{cfg.token_column}. Set TOKEN_COLUMN (NerConfig.token_column).") from None
     try:
       tag = fields[cfg.tag_column] if len(fields) > 1 else None
     except IndexError:
@@ -213,7 +213,7 @@ def read_tfds(cfg: DataConfig, split: str) -> tuple[list[Sentence], tuple[str, .
     names = tuple(feature.feature.names)
   except KeyError:
     raise DataError(f"TFDS {name!r} has no feature {cfg.ner_tfds_tags_key!r} "
-                    f"(DataConfig.ner_tfds_tags_key)") from None
+                    f"(NerConfig.ner_tfds_tags_key)") from None
   except Exception as e:   # tfds raises many kinds; all mean "cannot get this dataset"
     raise DataError(f"could not load TFDS dataset {name!r} split {split!r}: {e}. With no network, "
                     f"point TRAIN_FILE / EVAL_FILE at CoNLL files instead.") from None
@@ -241,7 +241,7 @@ def tfds_tag_names(cfg: DataConfig) -> tuple[str, ...]:
   try:
     return tuple(tfds.builder(cfg.tfds_name).info.features[cfg.ner_tfds_tags_key].feature.names)
   except Exception as e:
-    raise DataError(f"TFDS {cfg.tfds_name!r}: cannot read its tag names ({e}); set DataConfig.labels")
+    raise DataError(f"TFDS {cfg.tfds_name!r}: cannot read its tag names ({e}); set NerConfig.labels")
 
 
 def train_files(cfg: DataConfig) -> tuple[str, str]:
@@ -262,7 +262,7 @@ def tag_set(cfg: DataConfig) -> readers.LabelSet:
   if cfg.tfds_name:
     return readers.LabelSet(tfds_tag_names(cfg))
   raise DataError("the run names no train file (DataConfig.files) nor TFDS dataset to take its "
-                  "tags from; set DataConfig.labels")
+                  "tags from; set NerConfig.labels")
 
 
 # ----------------------------------------------------------------------------- alignment
@@ -405,7 +405,7 @@ class NerData:
                       "CoNLL columns) or a TFDS dataset (DataConfig.tfds_name, e.g. 'conll2003')")
     label_set = (readers.LabelSet(tuple(cfg.labels)) if cfg.labels else
                  readers.LabelSet(names) if names else infer_tags(train_s))
-    _check_head_width(len(label_set))
+    _check_head_width(len(label_set), cfg.num_classes)
     train = encode(tokenizer, [w for w, _ in train_s], cfg.seq_len,
                    tag_ids(label_set, train_s, train_path or source, cfg.tag_column))
     # The in-training eval (loss, accuracy) runs rows of seq_len; `bigmodel evaluate` reads
@@ -448,7 +448,7 @@ class NerData:
   # --- length buckets: batch k of a pure function of (seed, k), cut to a bucket length
 
   def bucket_batch(self, k: int, global_batch: int) -> tuple[np.ndarray, int]:
-    """(train row indices, row length) of global batch k with DataConfig.ner_length_buckets.
+    """(train row indices, row length) of global batch k with NerConfig.ner_length_buckets.
 
     Epoch e: the rows in permutation(seed, e) order, in windows of 50 batches sorted by
     length, cut into batches (the last one filled from the epoch's start), the batches then
@@ -514,21 +514,15 @@ class NerData:
     return self._dataset(self.eval_rows, self.val, global_batch, 0, steps, host_rows)
 
 
-def _check_head_width(num_tags: int) -> None:
-  """The tagger's width (ModelConfig.num_classes, when gin binds it) must cover the tags."""
-  import gin
-  try:
-    width = gin.query_parameter("ModelConfig.num_classes")
-    if hasattr(width, "scoped_configurable_fn"):   # a macro (%NUM_TAGS)
-      width = width.scoped_configurable_fn()
-    width = int(width)
-  except (ValueError, TypeError):
+def _check_head_width(num_tags: int, width: int) -> None:
+  """The tagger's width (NerConfig.num_classes, NUM_TAGS; 0: not set) must cover the tags."""
+  if not width:
     return
   if width < num_tags:
-    raise DataError(f"the data has {num_tags} tags but ModelConfig.num_classes={width}: set "
-                    f"NUM_TAGS (ModelConfig.num_classes) to {num_tags}")
+    raise DataError(f"the data has {num_tags} tags but NerConfig.num_classes={width}: set "
+                    f"NUM_TAGS (NerConfig.num_classes) to {num_tags}")
   if width > num_tags:
-    log.warning("ModelConfig.num_classes=%d is larger than the %d tags: %d head outputs stay unused",
+    log.warning("NerConfig.num_classes=%d is larger than the %d tags: %d head outputs stay unused",
                 width, num_tags, width - num_tags)
 
 

@@ -3,7 +3,7 @@ with the loss on the response only. One mechanism serves instruction / dialogue 
 and translation (source, separator, target).
 
 An example is `template(prompt) response EOS`, tokenized as two pieces (so the boundary is
-exact): prompt ids P = encode(DataConfig.prompt_template with {prompt} replaced), response ids
+exact): prompt ids P = encode(PromptedConfig.prompt_template with {prompt} replaced), response ids
 R = encode(response) + [EOS]. Its causal-LM row is inputs (P+R)[:-1], targets (P+R)[1:], and
 weight 1 exactly on the targets that are response tokens or the EOS after them (the prompt's
 tokens carry weight 0, so their labels change nothing in the loss).
@@ -77,7 +77,7 @@ def is_translation(cfg: DataConfig) -> bool:
 
 def apply_template(template: str, prompt: str) -> str:
   if "{prompt}" not in template:
-    raise DataError(f"DataConfig.prompt_template {template!r} has no {{prompt}} placeholder; "
+    raise DataError(f"PromptedConfig.prompt_template {template!r} has no {{prompt}} placeholder; "
                     f"e.g. '### Question:\\n{{prompt}}\\n### Answer:\\n' (PROMPT_TEMPLATE)")
   return template.replace("{prompt}", prompt)
 
@@ -86,7 +86,7 @@ def read_sft(path: str, prompt_column: str, response_column: str = "",
              column_names=()) -> tuple[list[str], list[str] | None]:
   """(prompts, responses) of a TSV/CSV/JSONL file; responses None when response_column is ''."""
   if not prompt_column:
-    raise DataError("SFT needs DataConfig.prompt_column (PROMPT_COLUMN): the prompt column")
+    raise DataError("SFT needs PromptedConfig.prompt_column (PROMPT_COLUMN): the prompt column")
   rows = readers.read_table(path, column_names)
   have = list(dict.fromkeys(k for r in rows[:1000] for k in r))
   wanted = [prompt_column] + ([response_column] if response_column else [])
@@ -142,7 +142,7 @@ def read_eval_pairs(cfg: DataConfig, eval_file: str = "") -> Pairs:
 
 
 def _need_response():
-  raise DataError("SFT needs DataConfig.response_column (RESPONSE_COLUMN): the response column")
+  raise DataError("SFT needs PromptedConfig.response_column (RESPONSE_COLUMN): the response column")
 
 
 def _parallel(src: str, tgt: str) -> Pairs:
@@ -164,7 +164,7 @@ def load_pairs(cfg: DataConfig) -> tuple[Pairs, Pairs]:
   """(train pairs, eval pairs) named by the config."""
   if not first(cfg.files):
     raise DataError("prompted fine-tuning needs a train file: DataConfig.files = [%TRAIN_FILE] "
-                    "(translation: the source side, with DataConfig.target_files)")
+                    "(translation: the source side, with PromptedConfig.target_files)")
   train_path = readers.resolve(first(cfg.files), cfg.data_dir)
   val_path = readers.resolve(first(cfg.val_files), cfg.data_dir)
   if is_translation(cfg):
@@ -172,7 +172,7 @@ def load_pairs(cfg: DataConfig) -> tuple[Pairs, Pairs]:
     if val_path:
       if not first(cfg.val_target_files):
         raise DataError("translation: DataConfig.val_files names the eval source file; set "
-                        "DataConfig.val_target_files (EVAL_TARGET_FILE) to its target side")
+                        "PromptedConfig.val_target_files (EVAL_TARGET_FILE) to its target side")
       return train, _parallel(val_path, readers.resolve(first(cfg.val_target_files), cfg.data_dir))
   else:
     if not cfg.response_column:
@@ -204,7 +204,7 @@ def train_tokenizer(texts: list[str], vocab_size: int, model_type: str = "unigra
   so decoding gives the text back); ids 0 <pad>, 1 <unk>, 2 <s>, 3 </s> = EOS."""
   import sentencepiece as spm
   if model_type not in ("unigram", "bpe"):
-    raise DataError(f"DataConfig.prompted_spm_type={model_type!r}: expected unigram or bpe")
+    raise DataError(f"PromptedConfig.prompted_spm_type={model_type!r}: expected unigram or bpe")
   prefix = os.path.join(tempfile.mkdtemp(prefix="bigmodel_spm_"), "tokenizer")
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter([t for t in texts if t]), model_prefix=prefix, vocab_size=vocab_size,
@@ -230,7 +230,7 @@ def check_tokenizer(tokenizer) -> int:
   if eos is None:
     raise DataError(f"prompted fine-tuning needs a tokenizer with an end-of-sequence id (to end "
                     f"responses); {type(tokenizer).__name__} has none: use DataConfig.tokenizer="
-                    f"'byte' or DataConfig.prompted_spm_vocab > 0 (a SentencePiece model)")
+                    f"'byte' or PromptedConfig.prompted_spm_vocab > 0 (a SentencePiece model)")
   return int(eos)
 
 

@@ -6,16 +6,16 @@ Sources (objective `qa`; bigmodel/objectives/qa.py):
                              paths that do not exist here are read under DataConfig.data_dir
   DataConfig.val_files[0]    the eval file; empty: the train file again (with eval_articles)
   DataConfig.tfds_name       when no file is given: a TFDS SQuAD-like dataset (`squad`,
-                             `squad/v1.1`, `xquad/en`), splits DataConfig.tfds_train_split /
+                             `squad/v1.1`, `xquad/en`), splits QaConfig.tfds_train_split /
                              tfds_eval_split (xquad/en has only `test`)
-  DataConfig.train_articles  an article range 'START:END' (Python slice, END exclusive; '' all)
-  DataConfig.eval_articles   of the train / eval source, so one file can serve both sides
+  QaConfig.train_articles  an article range 'START:END' (Python slice, END exclusive; '' all)
+  QaConfig.eval_articles   of the train / eval source, so one file can serve both sides
                              (XQuAD: '0:40' and '40:48'). Articles are runs of questions with
                              the same title, in source order.
 
 Features (per window of a question's context):
-  DataConfig.seq_len         the row length; DataConfig.max_query_len truncates the question
-  DataConfig.doc_stride      contexts longer than seq_len - question - 3 tokens are cut into
+  DataConfig.seq_len         the row length; QaConfig.max_query_len truncates the question
+  QaConfig.doc_stride      contexts longer than seq_len - question - 3 tokens are cut into
                              windows whose starts are doc_stride tokens apart (BERT's sliding
                              window); a context token scores only in the window where it has
                              the most context on both sides (BERT's `_check_is_max_context`)
@@ -252,7 +252,7 @@ def featurize(tokenizer, records: list[dict], seq_len: int, doc_stride: int,
   """Records (with an `answer` char span for labels, else labels point at [CLS]) -> Features."""
   cls_id, sep_id, pad_id = special_ids(tokenizer)
   if doc_stride < 1:
-    raise DataError(f"DataConfig.doc_stride={doc_stride}: must be >= 1 (DOC_STRIDE)")
+    raise DataError(f"QaConfig.doc_stride={doc_stride}: must be >= 1 (DOC_STRIDE)")
   rows = []
   truncated = 0
   for r_idx, r in enumerate(records):
@@ -353,7 +353,7 @@ class QAData(KeyedTable):
       overlap = {r["id"] for r in train_recs} & {r["id"] for r in val_recs}
       if overlap:
         log.warning("%d eval questions are also train questions (train %s, eval %s): set "
-                    "DataConfig.train_articles / eval_articles to disjoint ranges",
+                    "QaConfig.train_articles / eval_articles to disjoint ranges",
                     len(overlap), train_src, val_src)
     train_recs, skipped = check_answers(train_recs, train_src)
     if not train_recs:

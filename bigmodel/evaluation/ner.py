@@ -8,10 +8,10 @@
         (plus "gold" when a CoNLL input has tags, "truncated_words" when some were cut)
 
 Tags map back to the input words: a word's tag is the prediction at its first sub-word.
-Words past the row length (`DataConfig.ner_eval_seq_len`, else seq_len) get "O" and count
+Words past the row length (`NerConfig.ner_eval_seq_len`, else seq_len) get "O" and count
 in the metrics as such (a gold entity there is missed, never dropped).
 
-The tag set is the run's (bigmodel.data.ner.tag_set: DataConfig.labels, else the TFDS
+The tag set is the run's (bigmodel.data.ner.tag_set: NerConfig.labels, else the TFDS
 names, else inferred again from its train file, the same rule as training).
 """
 
@@ -65,7 +65,7 @@ def word_tags(table: ner_data.TagTable, lp: np.ndarray, names: tuple[str, ...]) 
 
 
 def evaluate_ner(workdir: str, exp, eval_file: str = "") -> dict:
-  cfg = exp.data
+  cfg = exp.task_data
   comp, params, tokenizer, step = loop.restore_for_inference(workdir, exp)
   tags = ner_data.tag_set(cfg)
   _, val_path = ner_data.train_files(cfg)
@@ -98,7 +98,7 @@ def evaluate_ner(workdir: str, exp, eval_file: str = "") -> dict:
 
 
 def predict_ner(workdir: str, exp, input_file: str) -> list[dict]:
-  cfg = exp.data
+  cfg = exp.task_data
   comp, params, tokenizer, _ = loop.restore_for_inference(workdir, exp)
   tags = ner_data.tag_set(cfg)
   path = readers.resolve(input_file, cfg.data_dir)

@@ -3,10 +3,10 @@
     evaluate(workdir, exp, eval_file="") -> metrics dict
       both      loss, perplexity (per held-out response token, EOS included: teacher-forced
                 over the response tokens only, prompts conditioning), accuracy, examples
-      SFT       samples: greedy answers to DataConfig.prompted_samples held-out prompts, spread
+      SFT       samples: greedy answers to PromptedConfig.prompted_samples held-out prompts, spread
                 evenly over the eval rows
       translation  bleu (sacrebleu corpus BLEU, 13a, of batched greedy decodes of the eval
-                sources against their references; DataConfig.prompted_eval_limit caps the rows)
+                sources against their references; PromptedConfig.prompted_eval_limit caps the rows)
                 and samples (source, reference, hypothesis)
     predict(workdir, exp, input_file) -> [{"prompt", "response"}] (SFT: the prompt column of a
       TSV/CSV/JSONL file) or [{"source", "translation"}] (translation: a text file, one a line)
@@ -72,7 +72,7 @@ def _loss(comp, params, tokenizer, cfg, pairs: pd.Pairs) -> dict:
 
 
 def evaluate_prompted(workdir: str, exp, eval_file: str = "") -> dict:
-  cfg = exp.data
+  cfg = exp.task_data
   pairs = pd.read_eval_pairs(cfg, eval_file)
   comp, params, tokenizer, step = loop.restore_for_inference(workdir, exp)
   translation = pd.is_translation(cfg)
@@ -98,7 +98,7 @@ def evaluate_prompted(workdir: str, exp, eval_file: str = "") -> dict:
 
 
 def predict_prompted(workdir: str, exp, input_file: str) -> list[dict]:
-  cfg = exp.data
+  cfg = exp.task_data
   prompts = pd.read_inputs(cfg, input_file)
   comp, params, tokenizer, _ = loop.restore_for_inference(workdir, exp)
   outs = generate(comp, params, tokenizer, cfg, prompts, max(exp.train.batch_size, 32))

@@ -46,7 +46,7 @@ def decode(features: qa_data.Features, records: list[dict], start_logits: np.nda
            end_logits: np.ndarray, n_best_size: int = 20, max_answer_len: int = 30) -> list[list[dict]]:
   if n_best_size < 1 or max_answer_len < 1:
     raise DataError(f"decoding needs n_best_size >= 1 and max_answer_len >= 1; got {n_best_size}, "
-                    f"{max_answer_len} (DataConfig.n_best_size, MAX_ANSWER_LEN)")
+                    f"{max_answer_len} (QaConfig.n_best_size, MAX_ANSWER_LEN)")
   pooled: list[list[tuple]] = [[] for _ in records]
   for i in range(len(features)):
     off = features.token_offsets[i]
@@ -103,7 +103,7 @@ def span_logits(comp, params, f: qa_data.Features, batch_size: int) -> tuple[np.
 
 def _predictions(workdir: str, exp, records: list[dict]):
   from bigmodel.train import loop
-  cfg = exp.data
+  cfg = exp.task_data
   comp, params, tokenizer, step = loop.restore_for_inference(workdir, exp)
   f = qa_data.featurize(tokenizer, [{k: v for k, v in r.items() if k != "answer"} for r in records],
                         cfg.seq_len, cfg.doc_stride, cfg.max_query_len)
@@ -112,7 +112,7 @@ def _predictions(workdir: str, exp, records: list[dict]):
 
 
 def evaluate_qa(workdir: str, exp, eval_file: str = "") -> dict:
-  records, source = qa_data.eval_source(exp.data, eval_file)
+  records, source = qa_data.eval_source(exp.task_data, eval_file)
   answered = [r for r in records if r["answers"]]
   if len(answered) < len(records):
     log.warning("%s: %d question(s) without gold answers are not scored", source,
@@ -123,7 +123,7 @@ def evaluate_qa(workdir: str, exp, eval_file: str = "") -> dict:
   preds = {r["id"]: (b[0]["text"] if b else "") for r, b in zip(answered, nbest)}
   gold = {r["id"]: r["answers"] for r in answered}
   scores = metrics.squad_em_f1(preds, gold)
-  cfg = exp.data
+  cfg = exp.task_data
   return {"step": step, "source": source, "questions": len(gold), "windows": len(f),
           "exact_match": scores["exact_match"], "f1": scores["f1"],
           "no_answer_predicted": sum(1 for b in nbest if not b),

@@ -9,7 +9,7 @@ each with the signature above. Sequence classification lives here:
     evaluate -> {"accuracy", "macro_f1", "examples", ...}
     predict  -> [{"label", "score", "text"}...] per input row
 
-The label set is the run's: DataConfig.labels, else inferred again from its train file
+The label set is the run's: ClassificationConfig.labels, else inferred again from its train file
 (the same rule as training, so ids agree).
 """
 
@@ -48,7 +48,7 @@ def label_set(cfg) -> readers.LabelSet:
     return readers.LabelSet(tuple(cfg.labels))
   if not cfg.files:
     raise DataError("the run names no train file (DataConfig.files) to infer its labels from; "
-                    "set DataConfig.labels")
+                    "set ClassificationConfig.labels")
   path = readers.resolve(cfg.files[0], cfg.data_dir)
   _, labels = readers.read_classification(path, cfg.text_columns, cfg.label_column, cfg.column_names)
   return readers.LabelSet.infer(labels)
@@ -71,7 +71,7 @@ def _probabilities(comp, params, table: ft_data.Table, batch_size: int) -> np.nd
 
 
 def evaluate_classification(workdir: str, exp, eval_file: str = "") -> dict:
-  cfg = exp.data
+  cfg = exp.task_data
   path = readers.resolve(eval_file or (cfg.val_files[0] if cfg.val_files else ""), cfg.data_dir)
   if not path:
     raise DataError("no eval file: pass --eval_file or set DataConfig.val_files")
@@ -89,7 +89,7 @@ def evaluate_classification(workdir: str, exp, eval_file: str = "") -> dict:
 
 
 def predict_classification(workdir: str, exp, input_file: str) -> list[dict]:
-  cfg = exp.data
+  cfg = exp.task_data
   comp, params, tokenizer, _ = loop.restore_for_inference(workdir, exp)
   labels = label_set(cfg)
   path = readers.resolve(input_file, cfg.data_dir)

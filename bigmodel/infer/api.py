@@ -15,7 +15,7 @@ client sends it with `extra_body={"top_k": 40}`). OpenAI's defaults: temperature
 max_tokens 16 for completions; chat replies default to all the room left (at most 256 tokens).
 logprobs, echo, n > 1 and penalties other than 0 are refused with a message, not ignored.
 
-Chat prompts: the run's SFT template (DataConfig.prompt_template of a prompted-LM run; else
+Chat prompts: the run's SFT template (PromptedConfig.prompt_template of a prompted-LM run; else
 "User: {prompt}\\nAssistant:") on each user message, each assistant message followed by the
 separator the run trained with (EOS; a newline for a plain LM), system messages first, one a
 line, as `bigmodel chat` builds them. A reply also ends where the model starts the next user

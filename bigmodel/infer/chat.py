@@ -5,7 +5,7 @@ the exact tokens the model wrote):
 
     [system + "\\n"]  template(user 1) reply 1 SEP  template(user 2) reply 2 SEP ..  template(user n)
 
-template is the run's DataConfig.prompt_template for a prompted-LM (SFT) run, where SEP is
+template is the run's PromptedConfig.prompt_template for a prompted-LM (SFT) run, where SEP is
 EOS, the token that ended every response in training; otherwise "User: {prompt}\\nAssistant:"
 with SEP a newline. A reply ends at EOS, at max_new_tokens, or where the model starts the
 next user turn (the template's text before {prompt}, e.g. "User:"; cut after generation).
@@ -36,7 +36,7 @@ def resolve_template(exp, template: str = "") -> tuple[str, bool]:
                        f"'User: {{prompt}}\\nAssistant:'")
     return template, False
   if exp.train.objective == "prompted_lm":
-    return exp.data.prompt_template, True
+    return exp.task.prompt_template, True
   return PLAIN_TEMPLATE, False
 
 

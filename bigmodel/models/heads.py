@@ -1,7 +1,7 @@
 """Task heads on the shared encoder and decoder.
 
     logits = EncoderClassifier(cfg).apply({"params": p}, input_ids, segment_ids, input_mask)
-    logits  float32 [b, c]   c = ModelConfig.num_classes
+    logits  float32 [b, c]   c = num_classes (ClassificationConfig.num_classes)
 
 `EncoderClassifier` *is* the bare BERT trunk (`Encoder` with heads=()) plus one dense layer
 `classifier/{kernel [d, c], bias [c]}` on a pooled summary, so its param tree is the
@@ -10,7 +10,7 @@ trunk initializes it directly (`TrainConfig.init_checkpoint`; `classifier` start
 This is also the layout of Hugging Face `BertForSequenceClassification` (`bert.*` +
 `classifier`).
 
-Pooling (`ModelConfig.pooling`):
+Pooling (`pooling`, ClassificationConfig.pooling):
   cls   the pooler's tanh(dense(hidden[:, 0])), as BERT fine-tuning (google-research/bert)
   mean  the mean of the last hidden states over real tokens (input_mask), as
         sentence-transformers (all-MiniLM-L6-v2 was trained with mean pooling)
@@ -41,35 +41,40 @@ FRESH_PARAMS = ("classifier", "qa_outputs", "tagger")   # top-level params that 
 
 class EncoderClassifier(Encoder):
   heads: Sequence[str] = ()
+  num_classes: int = 0             # ClassificationConfig.num_classes
+  pooling: str = "cls"             # ClassificationConfig.pooling
 
   @nn.compact
   def __call__(self, input_ids, segment_ids=None, input_mask=None, deterministic: bool = True):
     cfg = self.cfg
-    if cfg.num_classes < 1:
-      raise ValueError("EncoderClassifier needs ModelConfig.num_classes >= 1 (the label count)")
-    if cfg.pooling not in POOLINGS:
-      raise ValueError(f"ModelConfig.pooling={cfg.pooling!r}: expected one of {POOLINGS}")
+    if self.num_classes < 1:
+      raise ValueError("EncoderClassifier needs num_classes >= 1 (ClassificationConfig.num_classes: "
+                       "the label count)")
+    if self.pooling not in POOLINGS:
+      raise ValueError(f"ClassificationConfig.pooling={self.pooling!r}: expected one of {POOLINGS}")
     if input_mask is None:
       input_mask = jnp.ones_like(input_ids)
     out = super().__call__(input_ids, segment_ids, input_mask, None, deterministic)
-    if cfg.pooling == "cls":
+    if self.pooling == "cls":
       pooled = out["pooled"]
     else:
       m = input_mask.astype(out["hidden"].dtype)[..., None]
       pooled = jnp.sum(out["hidden"] * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
     if cfg.dropout > 0:
       pooled = nn.Dropout(cfg.dropout)(pooled, deterministic=deterministic)
-    logits = Dense(cfg.num_classes, cfg, axes=("embed", "classes"), name="classifier")(pooled)
+    logits = Dense(self.num_classes, cfg, axes=("embed", "classes"), name="classifier")(pooled)
     return constrain(logits.astype(jnp.float32), ("act_batch", None), self.mesh)
 
 
 class DecoderClassifier(Decoder):
+  num_classes: int = 0             # ClassificationConfig.num_classes
 
   @nn.compact
   def __call__(self, input_ids, segment_ids=None, input_mask=None, deterministic: bool = True):
     cfg = self.cfg
-    if cfg.num_classes < 1:
-      raise ValueError("DecoderClassifier needs ModelConfig.num_classes >= 1 (the label count)")
+    if self.num_classes < 1:
+      raise ValueError("DecoderClassifier needs num_classes >= 1 (ClassificationConfig.num_classes: "
+                       "the label count)")
     if input_mask is None:
       input_mask = jnp.ones_like(input_ids)
     positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
@@ -79,5 +84,5 @@ class DecoderClassifier(Decoder):
     pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]   # [b, d]
     if cfg.dropout > 0:
       pooled = nn.Dropout(cfg.dropout)(pooled, deterministic=deterministic)
-    logits = Dense(cfg.num_classes, cfg, axes=("embed", "classes"), name="classifier")(pooled)
+    logits = Dense(self.num_classes, cfg, axes=("embed", "classes"), name="classifier")(pooled)
     return constrain(logits.astype(jnp.float32), ("act_batch", None), self.mesh)

@@ -2,7 +2,7 @@
 
     logits = EncoderTagger(cfg).apply({"params": p}, input_ids, segment_ids, input_mask)
     input_ids, segment_ids, input_mask  int [b, s]
-    logits  float32 [b, s, c]   c = ModelConfig.num_classes (the tag count)
+    logits  float32 [b, s, c]   c = num_classes (the tag count, NerConfig.num_classes)
 
 `EncoderTagger` *is* the bare BERT trunk (`Encoder` with heads=()) plus dropout
 (ModelConfig.dropout, in training) and one dense layer `tagger/{kernel [d, c], bias [c]}`
@@ -26,16 +26,17 @@ from bigmodel.sharding import constrain
 
 class EncoderTagger(Encoder):
   heads: Sequence[str] = ()
+  num_classes: int = 0             # the tag count (NerConfig.num_classes)
 
   @nn.compact
   def __call__(self, input_ids, segment_ids=None, input_mask=None, deterministic: bool = True):
     cfg = self.cfg
-    if cfg.num_classes < 1:
-      raise ValueError("EncoderTagger needs ModelConfig.num_classes >= 1 (the tag count)")
+    if self.num_classes < 1:
+      raise ValueError("EncoderTagger needs num_classes >= 1 (NerConfig.num_classes: the tag count)")
     if input_mask is None:
       input_mask = jnp.ones_like(input_ids)
     hidden = super().__call__(input_ids, segment_ids, input_mask, None, deterministic)["hidden"]
     if cfg.dropout > 0:
       hidden = nn.Dropout(cfg.dropout)(hidden, deterministic=deterministic)
-    logits = Dense(cfg.num_classes, cfg, axes=("embed", "classes"), name="tagger")(hidden)
+    logits = Dense(self.num_classes, cfg, axes=("embed", "classes"), name="tagger")(hidden)
     return constrain(logits.astype(jnp.float32), ("act_batch", "act_len", None), self.mesh)

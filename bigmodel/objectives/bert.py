@@ -15,11 +15,26 @@ nsp_accuracy and loss (their sum).
 
 from __future__ import annotations
 
+import dataclasses
+
+import gin
 import jax.numpy as jnp
 import optax
 
-from bigmodel.data import bert as bert_data
 from bigmodel.objectives.lm import softmax_xent
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MlmConfig:
+  """Masked LM + next-sentence pairs (objective `bert_mlm_nsp`), as google-research/bert's
+  create_pretraining_data.py (its flag names in brackets). See bigmodel/data/bert.py."""
+  mlm_probability: float = 0.15     # [masked_lm_prob]
+  mlm_max_predictions: int = 0      # [max_predictions_per_seq]; 0: 15% of seq_len rounded up to 4 (20 at 128, 80 at 512)
+  mlm_whole_word: bool = False      # [do_whole_word_mask]: mask all pieces of a word together
+  mlm_masking: str = "static"       # static: masks drawn once per copy | dynamic: redrawn at every visit
+  dupe_factor: int = 10             # [dupe_factor]: passes over the documents, each with fresh pairs (and masks)
+  short_seq_prob: float = 0.1       # [short_seq_prob]: a document's pairs target a random shorter length
 
 
 def model_args(batch):
@@ -29,8 +44,9 @@ def model_args(batch):
 
 def example_batch(batch_size: int, seq_len: int) -> dict:
   """Shapes of real batches. The prediction width is the default for seq_len
-  (`DataConfig.mlm_max_predictions = 0`); a run that sets another width only traces its
+  (`MlmConfig.mlm_max_predictions = 0`); a run that sets another width only traces its
   train step at that width (params do not depend on it)."""
+  from bigmodel.data import bert as bert_data   # the pipeline (TensorFlow) only when used
   p = bert_data.prediction_slots(seq_len)
   z = jnp.zeros((batch_size, seq_len), jnp.int32)
   zp = jnp.zeros((batch_size, p), jnp.int32)
@@ -43,15 +59,18 @@ def example_batch(batch_size: int, seq_len: int) -> dict:
 
 def output_fraction(cfg) -> float:
   """The MLM head runs at the gathered prediction slots only (bigmodel.flops)."""
+  from bigmodel.data import bert as bert_data
   return (cfg.mlm_max_predictions or bert_data.prediction_slots(cfg.seq_len, cfg.mlm_probability)) \
       / cfg.seq_len
 
 
-def build_data(cfg, tokenizer=None) -> bert_data.BertData:
+def build_data(cfg, tokenizer=None):
+  from bigmodel.data import bert as bert_data
   return bert_data.BertData.build(cfg, tokenizer)
 
 
 def _check_batch(batch) -> None:
+  from bigmodel.data import bert as bert_data
   missing = [k for k in bert_data.KEYS if k not in batch]
   if missing:
     raise ValueError(f"a bert_mlm_nsp batch needs {list(bert_data.KEYS)}; missing {missing}")

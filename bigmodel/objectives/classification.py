@@ -10,10 +10,70 @@ evaluate` computes it (bigmodel.evaluation.tasks).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+from typing import Sequence
+
+import gin
 import jax.numpy as jnp
 import optax
 
-from bigmodel.data import finetune as ft_data
+log = logging.getLogger(__name__)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ClassificationConfig:
+  """A task file and its head (objectives `classification`, `decoder_classification`; see
+  bigmodel/data/finetune.py): DataConfig.files and val_files name the train and eval file
+  (TSV, CSV or JSONL)."""
+  text_columns: Sequence[str] = ()  # one column (a sentence) or two (a sentence pair)
+  label_column: str = ""
+  column_names: Sequence[str] = ()  # the columns of a headerless file (else its first line is the header)
+  labels: Sequence[str] = ()        # the label set in id order (default: inferred from the train file)
+  num_classes: int = 0              # the head's classes; 0: the label count of the train file
+  pooling: str = "cls"              # encoder: cls (the pooler's tanh(dense([CLS]))) | mean (masked mean)
+
+
+def head_args(task: ClassificationConfig) -> dict:
+  """The encoder head's settings (models.heads.EncoderClassifier)."""
+  return {"num_classes": task.num_classes, "pooling": task.pooling}
+
+
+def decoder_head_args(task: ClassificationConfig) -> dict:
+  return {"num_classes": task.num_classes}
+
+
+def resolve(exp):
+  """NUM_CLASSES from the labels (LABELS, else the train file's) when it is unset (0); one set
+  below that count stops here, before any training, with both numbers."""
+  from bigmodel.config import ConfigError
+  from bigmodel.data import readers
+  from bigmodel.data.sources import DataError
+  task, data = exp.task, exp.data
+  if task.labels:
+    count, where = len(task.labels), f"LABELS (ClassificationConfig.labels) names {len(task.labels)}"
+  elif data.files and task.text_columns and task.label_column:
+    try:
+      path = readers.resolve(data.files[0], data.data_dir)
+      _, labels = readers.read_classification(path, task.text_columns, task.label_column,
+                                              task.column_names)
+    except DataError:
+      if task.num_classes:
+        return exp          # nothing to check against here; the input pipeline names the problem
+      raise
+    count = len(readers.LabelSet.infer(labels))
+    where = f"the train file {path} has {count} distinct labels in {task.label_column!r}"
+  else:
+    return exp              # the input pipeline says what is missing
+  if not task.num_classes:
+    log.info("NUM_CLASSES (ClassificationConfig.num_classes) unset: %d, from the labels", count)
+    return dataclasses.replace(exp, task=dataclasses.replace(task, num_classes=count))
+  if task.num_classes < count:
+    raise ConfigError(f"NUM_CLASSES (ClassificationConfig.num_classes) = {task.num_classes}, but "
+                      f"{where}: set NUM_CLASSES = {count}, or leave it unset (0) to take the "
+                      f"label count")
+  return exp
 
 
 def model_args(batch):
@@ -27,15 +87,18 @@ def example_batch(batch_size: int, seq_len: int) -> dict:
           "weights": jnp.ones((batch_size,), jnp.float32)}
 
 
-def build_data(cfg, tokenizer=None) -> ft_data.ClassificationData:
+def build_data(cfg, tokenizer=None):
+  from bigmodel.data import finetune as ft_data   # the pipeline only when used
   return ft_data.ClassificationData.build(cfg, tokenizer)
 
 
-def build_decoder_data(cfg, tokenizer=None) -> ft_data.ClassificationData:
+def build_decoder_data(cfg, tokenizer=None):
+  from bigmodel.data import finetune as ft_data
   return ft_data.ClassificationData.build(cfg, tokenizer, decoder=True)
 
 
 def classification_loss(model, params, batch, *, deterministic=True, rngs=None):
+  from bigmodel.data import finetune as ft_data
   missing = [k for k in ft_data.KEYS if k not in batch]
   if missing:
     raise ValueError(f"a classification batch needs {list(ft_data.KEYS)}; missing {missing}")

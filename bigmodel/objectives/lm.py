@@ -5,8 +5,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bigmodel.data.lm import LMData
-
 
 def model_args(batch):
   return batch["inputs"], batch["positions"], batch["segment_ids"]
@@ -18,7 +16,8 @@ def example_batch(batch_size: int, seq_len: int) -> dict:
           "weights": jnp.ones((batch_size, seq_len), jnp.float32)}
 
 
-def build_data(cfg, tokenizer=None) -> LMData:
+def build_data(cfg, tokenizer=None):
+  from bigmodel.data.lm import LMData   # the pipeline (TensorFlow) only when used
   return LMData.build(cfg, tokenizer)
 
 

@@ -10,12 +10,28 @@ EM/F1 over questions need decoding: `bigmodel evaluate` (bigmodel.evaluation.qa)
 
 from __future__ import annotations
 
+import dataclasses
+
+import gin
 import jax.numpy as jnp
 import optax
 
-from bigmodel.data import qa as qa_data
-
 NEG = -1e9
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class QaConfig:
+  """Extractive QA (objective `qa`; see bigmodel/data/qa.py): DataConfig.files / val_files
+  are SQuAD v1.1 JSON, or DataConfig.tfds_name ('squad', 'xquad/en') with the splits below."""
+  doc_stride: int = 128             # sliding-window step over contexts longer than seq_len
+  max_query_len: int = 64           # questions are truncated to this many tokens
+  max_answer_len: int = 30          # decoding: the longest answer span, in tokens
+  n_best_size: int = 20             # decoding: start/end candidates per window
+  train_articles: str = ""          # article range 'START:END' of the train source ('' all)
+  eval_articles: str = ""           # ... of the eval source (the train file if val_files is empty)
+  tfds_train_split: str = "train"   # TFDS splits of tfds_name (xquad/en has only 'test')
+  tfds_eval_split: str = "validation"
 
 
 def model_args(batch):
@@ -29,7 +45,8 @@ def example_batch(batch_size: int, seq_len: int) -> dict:
           "end_positions": zb, "weights": jnp.ones((batch_size,), jnp.float32)}
 
 
-def build_data(cfg, tokenizer=None) -> qa_data.QAData:
+def build_data(cfg, tokenizer=None):
+  from bigmodel.data import qa as qa_data   # the pipeline only when used
   return qa_data.QAData.build(cfg, tokenizer)
 
 
@@ -42,6 +59,7 @@ def span_logits(model, params, batch, *, deterministic=True, rngs=None):
 
 
 def qa_loss(model, params, batch, *, deterministic=True, rngs=None):
+  from bigmodel.data import qa as qa_data
   missing = [k for k in qa_data.KEYS if k not in batch]
   if missing:
     raise ValueError(f"a QA batch needs {list(qa_data.KEYS)}; missing {missing}")

