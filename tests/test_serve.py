@@ -369,8 +369,8 @@ def test_serve_command_and_start_without_tensorflow(run, monkeypatch, tmp_path):
   # sample, chat, serve, predict (of a prompted run) and load_pretrained import no TensorFlow
   # (one subprocess: this process has it loaded)
   sft = decoder_workdir(tmp_path / "sft", **{"TrainConfig.objective": "prompted_lm",
-                                             "DataConfig.prompt_column": "prompt",
-                                             "DataConfig.prompted_max_new_tokens": 2})
+                                             "PromptedConfig.prompt_column": "prompt",
+                                             "PromptedConfig.prompted_max_new_tokens": 2})
   (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
   out = tmp_path / "out.jsonl"
   code = ("import sys; from bigmodel import cli, pretrained; from bigmodel.infer import api, engine, serve; "
