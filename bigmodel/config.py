@@ -38,15 +38,19 @@ class ModelConfig:
   d_model: int = 128
   num_layers: int = 4
   num_heads: int = 4
+  num_kv_heads: int = 0        # key/value heads: 0 or num_heads multi-head, 1 multi-query, else
+                               # grouped-query (must divide num_heads)
   head_dim: int = 0            # 0: d_model // num_heads
   d_ff: int = 0                # 0: 4 * d_model
   max_len: int = 1024          # learned position table size
   dropout: float = 0.0
   positions: str = "learned"   # learned | rope
+  rope_theta: float = 10000.0  # RoPE base (Llama 3: 500000)
   norm: str = "layernorm"      # layernorm | rmsnorm
   mlp: str = "gelu"            # gelu (tanh approximation, GPT-2) | gelu_exact (erf, BERT) | swiglu
   pre_norm: bool = True        # GPT-2 pre-LN; BERT uses post-LN
   use_bias: bool = True
+  qkv_bias: bool = False       # biases on the q/k/v projections only (Qwen2); use_bias implies them
   tie_embeddings: bool = True
   norm_eps: float = 1e-5
   scan_layers: bool = True
@@ -67,10 +71,20 @@ class ModelConfig:
     if self.d_model % self.num_heads and not self.head_dim:
       raise ConfigError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads="
                         f"{self.num_heads}; set ModelConfig.head_dim explicitly")
+    if self.num_kv_heads < 0 or (self.num_kv_heads and self.num_heads % self.num_kv_heads):
+      raise ConfigError(f"ModelConfig.num_kv_heads={self.num_kv_heads} must divide num_heads="
+                        f"{self.num_heads} (0 or {self.num_heads}: multi-head; 1: multi-query)")
+    if self.rope_theta <= 0:
+      raise ConfigError(f"ModelConfig.rope_theta={self.rope_theta}: the RoPE base must be positive")
 
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads: num_heads (multi-head) unless num_kv_heads says fewer."""
+    return self.num_kv_heads or self.num_heads
 
   @property
   def mlp_dim(self) -> int:

@@ -48,7 +48,7 @@ def default_mesh(mesh=None):
 @dataclasses.dataclass
 class Pretrained:
   """A pretrained model on a mesh. `apply` runs it; `to_hf` exports it."""
-  family: str                # 'bert' | 'gpt2'
+  family: str                # 'bert' | 'gpt2' | 'llama' | 'mistral' | 'qwen2'
   architecture: str          # the Hugging Face architecture it corresponds to
   config: ModelConfig
   params: Any                # sharded jax.Arrays
@@ -68,7 +68,7 @@ class Pretrained:
     return self.module
 
   def _run(self, params, ids, mask, types, positions):
-    if self.family == "gpt2":
+    if self.family in hf_lib.DECODERS:
       logits = self.module.apply({"params": params}, ids, positions, mask, deterministic=True)
       return {"logits": logits}
     out = self.module.apply({"params": params}, ids, types, mask, deterministic=True)
@@ -117,7 +117,7 @@ class Pretrained:
                seed: int = 0) -> np.ndarray:
     """Continues each row of int [b, s] prompts by `max_new_tokens` tokens (greedy at
     temperature 0); returns [b, s + max_new_tokens]. Recomputes the window every step."""
-    if self.family != "gpt2":
+    if self.family not in hf_lib.DECODERS:
       raise ValueError(f"generate needs a decoder; this is a {self.architecture}")
     from bigmodel.infer.sample import sample_logits
     ids = np.asarray(input_ids, np.int32)
@@ -159,7 +159,8 @@ def _is_workdir(path: str) -> bool:
 def load_pretrained(path: str, *, mesh=None, allow_pickle: bool = False,
                     scan_layers: bool = True) -> Pretrained:
   """A Hugging Face checkpoint directory (config.json + model.safetensors: BertModel,
-  BertForMaskedLM, BertForPreTraining, GPT2LMHeadModel) or a bigmodel workdir (config.gin +
+  BertForMaskedLM, BertForPreTraining, GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM,
+  Qwen2ForCausalLM) or a bigmodel workdir (config.gin +
   checkpoints/, e.g. written by `bigmodel train` or `bigmodel convert from-hf`)."""
   path = os.fspath(path)
   if not storage.isdir(path):
@@ -196,6 +197,10 @@ def _from_workdir(path, mesh) -> Pretrained:
       config_lib.load([gin_path])
   cfg = exp.model
   ckpt_dir = storage.absolute(storage.join(path, "checkpoints"))
+  record = {}
+  record_path = storage.join(path, "hf_import.json")
+  if storage.exists(record_path):
+    record = storage.read_json(record_path)
   manager = ocp.CheckpointManager(storage.epath(ckpt_dir), item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
   try:
@@ -209,7 +214,9 @@ def _from_workdir(path, mesh) -> Pretrained:
       family = "bert"
       heads = tuple(h for h in ("mlm", "nsp") if h in keys)
     else:
-      family, heads = "gpt2", ()
+      family, heads = hf_lib.llama.family_of(cfg) or "gpt2", ()
+      if family == "llama" and record.get("family") == "mistral":   # the same model, by config
+        family = "mistral"
     module = hf_lib.build_module(family, cfg, heads, mesh)
     boxed = hf_lib.abstract_params(module, boxed=True)
     abstract = nn.meta.unbox(boxed)
@@ -218,7 +225,7 @@ def _from_workdir(path, mesh) -> Pretrained:
       raise CheckpointError(
           f"the params in {ckpt_dir} (top-level {sorted(keys)}) are not those of a "
           f"{'BERT encoder' if family == 'bert' else 'GPT decoder'} ({sorted(want)}): "
-          f"load_pretrained reads GPT-2- and BERT-shaped models")
+          f"load_pretrained reads GPT-2-, Llama- and BERT-shaped models")
     shardings = sharding.logical_to_sharding(nn.get_partition_spec(boxed), mesh, abstract)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
@@ -231,10 +238,6 @@ def _from_workdir(path, mesh) -> Pretrained:
   finally:
     manager.close()
   params = restored["state"]["params"]
-  record = {}
-  record_path = storage.join(path, "hf_import.json")
-  if storage.exists(record_path):
-    record = storage.read_json(record_path)
   arch = record.get("architecture") if record.get("family") == family else None
   if arch is None or (family == "bert" and set(hf_lib.BERT_REQUIRED_HEADS[arch]) - {"pooler"}
                       - set(heads)):

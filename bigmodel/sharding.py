@@ -30,6 +30,11 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
+    # Grouped-query attention's key/value heads (`ModelConfig.num_kv_heads` < num_heads): over
+    # `tensor` where their count divides it, else replicated. Params and caches get this from
+    # `logical_to_sharding(..., shapes)` (undivisible dims unsharded); activations from
+    # `kv_heads_axis`, which names the axis only where it divides.
+    ("kv_heads", "tensor"),
     ("kv", None),
     ("qkv", None),
     ("mlp", "tensor"),
@@ -42,6 +47,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("act_len", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
     ("act_kv", None),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
@@ -102,6 +108,14 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) -> 
   if mesh is None:
     return x
   return nn.with_logical_constraint(x, axes, rules=RULES, mesh=mesh)
+
+
+def kv_heads_axis(num_kv_heads: int, mesh: Mesh | None) -> str | None:
+  """The logical name of a [.., g, ..] key/value-heads activation dim: 'act_kv_heads' (sharded
+  over `tensor`) when g divides the tensor axis, else None (replicated)."""
+  if mesh is None or num_kv_heads % mesh.shape["tensor"] == 0:
+    return "act_kv_heads"
+  return None
 
 
 def logical_to_sharding(logical_specs: Any, mesh: Mesh, shapes: Any = None) -> Any:

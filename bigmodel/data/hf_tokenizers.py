@@ -1,4 +1,5 @@
-"""Tokenizers of imported Hugging Face models: BERT WordPiece and GPT-2 byte-level BPE.
+"""Tokenizers of imported Hugging Face models: BERT WordPiece, GPT-2 byte-level BPE, and any
+`tokenizer.json` (Llama, Mistral, Qwen2: byte-level BPE or SentencePiece-style BPE).
 
 Both are built with the maintained `tokenizers` library (the Rust code behind the
 transformers "fast" tokenizers) from the plain vocabulary files of a checkpoint:
@@ -9,6 +10,11 @@ transformers "fast" tokenizers) from the plain vocabulary files of a checkpoint:
                       stripping for uncased models; BertPreTokenizer), greedy WordPiece,
                       [CLS] A [SEP] (B [SEP]) templates with segment ids.
   ByteLevelBPETokenizer  vocab.json + merges.txt (GPT-2's byte-level BPE, <|endoftext|>).
+  TokenizerJson       tokenizer.json as the library saved it (normalizer, pre-tokenizer, model,
+                      BOS template and decoder all inside: Llama 3's byte-level BPE, Llama 2 /
+                      Mistral's SentencePiece BPE with byte fallback, Qwen2's BPE), special
+                      tokens (bos, eos, pad, unk) from tokenizer_config.json. A checkpoint with
+                      only a SentencePiece tokenizer.model and no tokenizer.json is not read.
 
 They expose the interface of `bigmodel.data.tokenizers` (vocab_size, eos_id, encode,
 encode_array, decode, save), so the tf.data pipelines use them as they use
@@ -41,6 +47,8 @@ from bigmodel import storage
 
 WORDPIECE_FILES = ("vocab.txt",)
 BPE_FILES = ("vocab.json", "merges.txt")
+JSON_FILE = "tokenizer.json"
+GPT2_CLASSES = ("GPT2Tokenizer", "GPT2TokenizerFast")
 
 
 class TokenizerFilesError(ValueError):
@@ -312,25 +320,73 @@ class ByteLevelBPETokenizer(_HFTokenizer):
     return storage.join(directory, "vocab.json")
 
 
+class TokenizerJson(_HFTokenizer):
+  """The tokenizer a `tokenizer.json` describes, whole (see the module docstring)."""
+  kind = "json"
+
+  def __init__(self, path: str, specials: dict[str, str | None], config: dict | None = None):
+    if not storage.exists(path):
+      raise TokenizerFilesError(f"tokenizer file {path!r} does not exist")
+    try:
+      tok = tokenizers.Tokenizer.from_str(storage.read_text(path))
+    except Exception as e:   # the library raises its own exception type on a bad file
+      raise TokenizerFilesError(f"{path} is not a tokenizer.json the `tokenizers` library "
+                                f"reads: {e}") from None
+    for name, piece in specials.items():
+      if piece is not None and tok.token_to_id(piece) is None:
+        raise TokenizerFilesError(f"{path}: the {name} {piece!r} of tokenizer_config.json is "
+                                  f"not in the vocabulary")
+    super().__init__(tok, specials)
+    self.config = dict(config or {})
+    self.eos_id = self._special_id("eos_token")
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._special_id("bos_token")
+
+  @classmethod
+  def from_directory(cls, directory: str) -> "TokenizerJson":
+    cfg = _read_json(storage.join(directory, "tokenizer_config.json"))
+    specials = {name: _special(directory, name, None)
+                for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    return cls(storage.join(directory, JSON_FILE), specials, cfg)
+
+  def save(self, directory: str) -> str:
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config, **self.specials}
+    self._save_common(directory, config)
+    return storage.join(directory, JSON_FILE)
+
+
+def _kind(directory: str) -> str | None:
+  """wordpiece (vocab.txt), bpe (GPT-2's vocab.json + merges.txt), json (tokenizer.json: also
+  when a vocab.json + merges.txt belong to a non-GPT-2 tokenizer, as Qwen2's), or None."""
+  has = lambda f: storage.exists(storage.join(directory, f))
+  if all(map(has, WORDPIECE_FILES)):
+    return "wordpiece"
+  cls = _read_json(storage.join(directory, "tokenizer_config.json")).get("tokenizer_class")
+  if all(map(has, BPE_FILES)) and (not has(JSON_FILE) or cls in (None, *GPT2_CLASSES)):
+    return "bpe"
+  return "json" if has(JSON_FILE) else None
+
+
 def has_files(directory: str) -> bool:
-  """Whether `directory` holds WordPiece or byte-level BPE vocabulary files."""
-  return (all(storage.exists(storage.join(directory, f)) for f in WORDPIECE_FILES) or
-          all(storage.exists(storage.join(directory, f)) for f in BPE_FILES))
+  """Whether `directory` holds WordPiece, byte-level BPE or tokenizer.json files."""
+  return _kind(directory) is not None
 
 
 def load(directory: str, kind: str | None = None):
-  """The tokenizer whose files are in `directory`: `kind` 'wordpiece' or 'bpe', else detected."""
+  """The tokenizer whose files are in `directory`: `kind` 'wordpiece', 'bpe' or 'json', else
+  detected."""
   if kind is None:
-    if storage.exists(storage.join(directory, "vocab.txt")):
-      kind = "wordpiece"
-    elif all(storage.exists(storage.join(directory, f)) for f in BPE_FILES):
-      kind = "bpe"
-    else:
+    kind = _kind(directory)
+    if kind is None:
       raise TokenizerFilesError(
-          f"no tokenizer files in {directory!r}: expected vocab.txt (BERT WordPiece) or "
-          f"vocab.json + merges.txt (GPT-2 byte-level BPE)")
+          f"no tokenizer files in {directory!r}: expected vocab.txt (BERT WordPiece), "
+          f"vocab.json + merges.txt (GPT-2 byte-level BPE) or tokenizer.json")
   if kind == "wordpiece":
     return WordPieceTokenizer.from_directory(directory)
   if kind == "bpe":
     return ByteLevelBPETokenizer.from_directory(directory)
-  raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'wordpiece' or 'bpe'")
+  if kind == "json":
+    return TokenizerJson.from_directory(directory)
+  raise ValueError(f"unknown tokenizer kind {kind!r}: expected 'wordpiece', 'bpe' or 'json'")

@@ -195,6 +195,9 @@ def load(directory: str):
     raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {directory!r}: "
                             f"is it the workdir of a `bigmodel train` run?")
   spec = storage.read_json(path)
+  if "model" in spec:       # the `tokenizers` library's own file: an imported Llama-family tokenizer
+    from bigmodel.data import hf_tokenizers
+    return hf_tokenizers.load(directory, "json")
   if spec["type"] == "char":
     return CharTokenizer(spec["chars"])
   if spec["type"] == "byte":

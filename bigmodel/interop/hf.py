@@ -1,5 +1,6 @@
-"""Hugging Face checkpoints in and out: BERT (BertModel, BertForMaskedLM, BertForPreTraining)
-and GPT-2 (GPT2LMHeadModel).
+"""Hugging Face checkpoints in and out: BERT (BertModel, BertForMaskedLM, BertForPreTraining),
+GPT-2 (GPT2LMHeadModel) and Llama-family decoders (LlamaForCausalLM, MistralForCausalLM,
+Qwen2ForCausalLM; their config and names in `bigmodel.interop.llama`).
 
     model = read_hf(model_dir)                 # config.json + model.safetensors -> HFModel
     model.config, model.params                 # ModelConfig, numpy params in bigmodel's tree
@@ -38,6 +39,7 @@ import numpy as np
 
 from bigmodel import storage
 from bigmodel.config import ModelConfig
+from bigmodel.interop import llama
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,9 @@ ARCHITECTURES = {
     "BertForMaskedLM": "bert",
     "BertForPreTraining": "bert",
     "GPT2LMHeadModel": "gpt2",
+    **{arch: family for family, arch in llama.FAMILIES.items()},
 }
+DECODERS = ("gpt2", *llama.FAMILIES)   # families held by a Decoder (the rest: Encoder)
 # Weight groups each BERT architecture must have (BertModel's pooler is optional, as HF's
 # add_pooling_layer; BertForMaskedLM has none but may carry one, as bert-base-uncased does).
 BERT_REQUIRED_HEADS = {"BertModel": (), "BertForMaskedLM": ("mlm",),
@@ -112,7 +116,7 @@ def _architecture(hf: dict) -> tuple[str, str]:
   model_type = hf.get("model_type")
   archs = hf.get("architectures") or []
   supported = ", ".join(ARCHITECTURES)
-  if model_type not in ("bert", "gpt2"):
+  if model_type not in ("bert", *DECODERS):
     raise HFCheckpointError(
         f"unsupported model_type {model_type!r} (architectures {archs}): bigmodel imports "
         f"{supported}")
@@ -120,7 +124,7 @@ def _architecture(hf: dict) -> tuple[str, str]:
     raise HFCheckpointError(f"config.json lists several architectures {archs}; expected one of "
                             f"{supported}")
   if not archs:   # old checkpoints: take the family's fullest supported form, checked by weights
-    return model_type, {"bert": "BertModel", "gpt2": "GPT2LMHeadModel"}[model_type]
+    return model_type, {"bert": "BertModel", "gpt2": "GPT2LMHeadModel", **llama.FAMILIES}[model_type]
   arch = archs[0]
   if arch not in ARCHITECTURES:
     raise HFCheckpointError(f"unsupported architecture {arch!r}: bigmodel imports {supported} "
@@ -167,7 +171,9 @@ def model_config(hf: dict, **overrides) -> tuple[str, str, ModelConfig]:
 
 def _model_config(hf: dict, **overrides) -> tuple[str, str, ModelConfig]:
   family, arch = _architecture(hf)
-  if family == "gpt2":
+  if family in llama.FAMILIES:
+    kw = llama.model_config(family, hf, HFCheckpointError)
+  elif family == "gpt2":
     _require(hf, "add_cross_attention", lambda v: not v, False, "no cross-attention")
     _require(hf, "scale_attn_weights", lambda v: v is True, True, "scale_attn_weights=True")
     _require(hf, "scale_attn_by_inverse_layer_idx", lambda v: not v, False,
@@ -204,7 +210,25 @@ def hf_config(model: HFModel, tokenizer=None) -> dict:
   """config.json for `model`: the imported original (if any) with every structural field
   rewritten from the ModelConfig. Raises when the config has no HF equivalent."""
   cfg = model.config
+  if model.family in llama.FAMILIES:
+    problems = llama.config_problems(model.family, cfg)
+    if problems:
+      raise HFCheckpointError(f"this model cannot be written as a Hugging Face {model.architecture}: "
+                              f"ModelConfig " + "; ".join(problems))
+    out = {k: v for k, v in model.hf_config.items() if k not in (
+        "_name_or_path", "transformers_version", "torch_dtype", "dtype", "rope_theta", "rope_scaling")}
+    out.update(architectures=[model.architecture], model_type=model.family,
+               initializer_range=cfg.init_std, **llama.hf_fields(model.family, cfg))
+    if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
+      out.setdefault("eos_token_id", tokenizer.eos_id)
+      if getattr(tokenizer, "bos_id", None) is not None:
+        out.setdefault("bos_token_id", tokenizer.bos_id)
+    return dict(sorted(out.items()))
   problems = []
+  if cfg.num_kv_heads and cfg.kv_heads != cfg.num_heads:
+    problems.append(f"num_kv_heads={cfg.num_kv_heads} (HF {model.family} is multi-head)")
+  if cfg.qkv_bias and not cfg.use_bias:
+    problems.append("qkv_bias=True without use_bias (HF layers all have biases)")
   if cfg.positions != "learned":
     problems.append(f"positions={cfg.positions!r} (HF {model.family} has learned positions)")
   if cfg.norm != "layernorm":
@@ -359,12 +383,15 @@ def _bert_rules(cfg: ModelConfig) -> list[Rule]:
 
 
 def rules_for(family: str, cfg: ModelConfig) -> list[Rule]:
+  if family in llama.FAMILIES:
+    return llama.rules(cfg, Rule, _copy, _transpose)
   return _gpt2_rules(cfg) if family == "gpt2" else _bert_rules(cfg)
 
 
 # Buffers some checkpoints carry that are not weights.
 _IGNORED = (re.compile(r"(^|\.)embeddings\.position_ids$"),
-            re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$"))
+            re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$"),
+            re.compile(r"(^|\.)rotary_emb\.inv_freq$"))
 
 
 def _canonical_names(family: str, tensors: dict) -> dict:
@@ -391,6 +418,8 @@ def _drop_tied(family: str, cfg: ModelConfig, tensors: dict) -> None:
   ties = []
   if family == "gpt2" and cfg.tie_embeddings:
     ties.append(("lm_head.weight", "transformer.wte.weight"))
+  if family in llama.FAMILIES and cfg.tie_embeddings:
+    ties.append(("lm_head.weight", "model.embed_tokens.weight"))
   if family == "bert":
     ties += [("cls.predictions.decoder.weight", "embeddings.word_embeddings.weight"),
              ("cls.predictions.decoder.bias", "cls.predictions.bias")]
@@ -402,7 +431,7 @@ def _drop_tied(family: str, cfg: ModelConfig, tensors: dict) -> None:
         raise HFCheckpointError(
             f"{copy} differs from {source}: bigmodel ties them (an untied "
             f"{'MLM decoder' if family == 'bert' else 'LM head'} is not supported"
-            f"{'; set tie_word_embeddings=false in config.json to import GPT-2 untied' if family == 'gpt2' else ''})")
+            f"{'; set tie_word_embeddings=false in config.json to import it untied' if family != 'bert' else ''})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,8 +500,8 @@ def read_weights(model_dir: str, allow_pickle: bool = False) -> dict[str, np.nda
 
 
 def build_module(family: str, cfg: ModelConfig, heads=(), mesh=None):
-  """The Flax module that holds a family's params: Decoder (GPT-2) or Encoder (BERT)."""
-  if family == "gpt2":
+  """The Flax module that holds a family's params: Decoder (GPT-2, Llama family) or Encoder (BERT)."""
+  if family in DECODERS:
     from bigmodel.models.decoder import Decoder
     return Decoder(cfg, mesh)
   from bigmodel.models.encoder import Encoder
@@ -560,7 +589,7 @@ def convert_from_hf(hf: dict, tensors: dict[str, np.ndarray], *, scan_layers: bo
   present = {r.group for r in rules if any(n in tensors for n in r.hf)}
   heads = tuple(h for h in ("mlm", "nsp") if h in present)
   required = {"trunk"} | set(BERT_REQUIRED_HEADS.get(arch, ())) | (
-      {"lm_head"} if family == "gpt2" and not cfg.tie_embeddings else set()) | (
+      {"lm_head"} if family in DECODERS and not cfg.tie_embeddings else set()) | (
       {"pooler"} if "nsp" in present else set())   # the NSP head reads the pooled output
   groups = present | required
   has_pooler = family == "bert" and "pooler" in present
@@ -651,7 +680,7 @@ def convert_to_hf(model: HFModel) -> dict[str, np.ndarray]:
   groups = {"trunk", *model.heads}
   if model.family == "bert" and model.has_pooler:
     groups.add("pooler")
-  if model.family == "gpt2" and not cfg.tie_embeddings:
+  if model.family in DECODERS and not cfg.tie_embeddings:
     groups.add("lm_head")
   params = jax.tree.map(np.asarray, model.params)
   out: dict[str, np.ndarray] = {}
@@ -696,7 +725,10 @@ def write_hf(model: HFModel, out_dir: str, tokenizer=None) -> list[str]:
 
 
 def architecture_for(family: str, heads=()) -> str:
-  """The HF architecture of a bigmodel model: GPT2LMHeadModel, or the BERT form of its heads."""
+  """The HF architecture of a bigmodel model: GPT2LMHeadModel, LlamaForCausalLM (or Mistral,
+  Qwen2), or the BERT form of its heads."""
+  if family in llama.FAMILIES:
+    return llama.FAMILIES[family]
   if family == "gpt2":
     return "GPT2LMHeadModel"
   if "mlm" in heads and "nsp" in heads:

@@ -8,17 +8,19 @@ continued training and fine-tuning read it like any run:
     OUT/vocab.txt | vocab.json + merges.txt, tokenizer_config.json, ...   the tokenizer
     OUT/hf_import.json          the source architecture, heads and original config.json
 
-`to_hf(workdir, out)` restores the latest params of any workdir whose model is a GPT-2-shaped
-decoder or a BERT-shaped encoder and writes config.json + model.safetensors (+ tokenizer).
+`to_hf(workdir, out)` restores the latest params of any workdir whose model is a GPT-2- or
+Llama-shaped decoder (Llama, Mistral, Qwen2) or a BERT-shaped encoder and writes config.json + model.safetensors (+ tokenizer).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
 
 from bigmodel import storage
+from bigmodel.config import ModelConfig
 from bigmodel.interop import hf as hf_lib
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,9 @@ OptimConfig.end_lr_fraction = 0.0
 MODEL_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len", "dropout",
                 "positions", "norm", "mlp", "pre_norm", "use_bias", "tie_embeddings", "norm_eps",
                 "type_vocab_size", "init_std")
+# Written only when they differ from ModelConfig's defaults (Llama-family imports).
+OPTIONAL_FIELDS = ("num_kv_heads", "head_dim", "rope_theta", "qkv_bias")
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 def gin_text(model: hf_lib.HFModel, source: str, out_dir: str) -> str:
@@ -63,6 +68,10 @@ def gin_text(model: hf_lib.HFModel, source: str, out_dir: str) -> str:
       continue
     value = getattr(cfg, name)
     lines.append(f"ModelConfig.{name} = {value!r}")
+  for name in OPTIONAL_FIELDS:
+    value = getattr(cfg, name)
+    if value != DEFAULTS[name]:
+      lines.append(f"ModelConfig.{name} = {value!r}")
   objective = _objective_for(model)
   seq_len = min(cfg.max_len, 128 if model.family == "bert" else 256)
   lines.append(GIN_RUN.format(objective=objective, seq_len=seq_len,
@@ -74,7 +83,7 @@ def gin_text(model: hf_lib.HFModel, source: str, out_dir: str) -> str:
 
 def _objective_for(model: hf_lib.HFModel) -> str:
   """The registered objective that trains this family's model ('causal_lm' for GPT-2)."""
-  if model.family == "gpt2":
+  if model.family in hf_lib.DECODERS:
     return "causal_lm"
   from bigmodel import objectives
   for name, obj in objectives.OBJECTIVES.items():
@@ -101,7 +110,7 @@ def from_hf(model_dir: str, out_dir: str, *, allow_pickle: bool = False) -> dict
     tokenizer = hf_tokenizers.load(model_dir)
     tokenizer.save(out_dir)
   else:
-    log.warning("%s has no vocab.txt or vocab.json + merges.txt: no tokenizer written", model_dir)
+    log.warning("%s has no vocab.txt, vocab.json + merges.txt or tokenizer.json: no tokenizer written", model_dir)
   gin_path = storage.join(out_dir, "config.gin")
   gin_config = gin_text(model, model_dir, out_dir)
   storage.write_text(gin_path, gin_config)

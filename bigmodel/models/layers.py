@@ -2,14 +2,16 @@
 
 Einsum letters, used in every module of this package:
   b batch   s query length   t key length   d model width
-  h heads   k head dim       f MLP hidden   v vocabulary   n the 3 of q/k/v
+  h heads   k head dim       f MLP hidden   v vocabulary   n the 3 of q/k/v (2 of k/v)
+  g key/value heads (grouped-query attention)   r query heads per key/value head (h / g)
 
 Each parameter declares its shape, initializer and logical axes once, through
 `nn.with_logical_partitioning`; shardings and checkpoints derive from that.
 Parameter names are short and stable: checkpoints are keyed on them.
 
 Decoding (`decode=True`, the Flax lm1b/wmt pattern): each Attention keeps its keys and values
-in the "cache" collection, `cached_key` / `cached_value` [b, t, h, k] in the compute dtype
+in the "cache" collection, `cached_key` / `cached_value` [b, t, g, k] in the compute dtype
+(g = ModelConfig.kv_heads: the key/value heads only, h for multi-head)
 (stacked on a leading `layers` axis when the layers are scanned), made zero by the first (init)
 call at that call's length t. Later calls write their s new keys/values at the cache slots
 `positions[:, 0] ..` of each row (the decoder passes its cache index there) and attend to every
@@ -28,7 +30,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from bigmodel.config import ModelConfig
-from bigmodel.sharding import constrain
+from bigmodel.sharding import constrain, kv_heads_axis
 
 # Activation layouts (logical names; see sharding.RULES).
 BSD = ("act_batch", "act_len", "act_embed")
@@ -85,7 +87,9 @@ class Norm(nn.Module):
 
 
 def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
-  """Rotary position embedding on [b, s, h, k] by integer positions [b, s]."""
+  """Rotary position embedding on [b, s, h, k] by integer positions [b, s] (base: rope_theta).
+
+  The half-split ("rotate_half") pairing of Hugging Face Llama: dim i rotates with i + k/2."""
   k = x.shape[-1]
   half = k // 2
   freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
@@ -115,8 +119,37 @@ def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
                                                      unique_indices=True)
 
 
+def _grouped_attention(q, key, value, mask, dropout=None):
+  """Softmax attention of q [b, s, h, k] over key/value [b, t, g, k], g dividing h.
+
+  Query head j reads key/value head j // (h / g) (grouped-query attention; g = 1 is
+  multi-query, g = h multi-head). K/V are never repeated in memory: q is viewed as
+  [b, s, g, r, k] (r = h / g) and each group's r heads attend to their one K/V head. mask
+  [b, 1, s, t]; dropout: a function on the probabilities, or None. q is already scaled.
+  (This is the scores/softmax/values step alone: a fused kernel may replace it.)"""
+  dt = q.dtype
+  b, s, h, k = q.shape
+  g = key.shape[2]
+  if g == h:   # multi-head: the original einsums, so that its outputs stay bitwise the same
+    scores = jnp.einsum("bshk,bthk->bhst", q, key).astype(jnp.float32)
+    scores = jnp.where(mask, scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    probs = dropout(probs) if dropout is not None else probs
+    return jnp.einsum("bhst,bthk->bshk", probs, value)
+  qg = q.reshape(b, s, g, h // g, k)
+  scores = jnp.einsum("bsgrk,btgk->bgrst", qg, key).astype(jnp.float32)
+  scores = jnp.where(mask[:, :, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  probs = dropout(probs) if dropout is not None else probs
+  return jnp.einsum("bgrst,btgk->bsgrk", probs, value).reshape(b, s, h, k)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused q/k/v projection; a KV cache when `decode`."""
+  """Self-attention (multi-head, grouped-query or multi-query); a KV cache when `decode`.
+
+  Multi-head (`cfg.kv_heads == num_heads`) keeps one fused projection `qkv` [d, 3, h, k];
+  fewer key/value heads g use `q` [d, h, k] and `kv` [d, 2, g, k] (logical axis `kv_heads`:
+  sharded over `tensor` where g divides it, else replicated; see bigmodel.sharding)."""
   cfg: ModelConfig
   mesh: Mesh | None = None
   deterministic: bool = True
@@ -124,6 +157,38 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, positions):
+    cfg = self.cfg
+    dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    d, h, k = cfg.d_model, cfg.num_heads, cfg.dim_per_head
+    if cfg.kv_heads == h:
+      q, key, value = self._fused_qkv(x)
+      kv_axes = BSHK
+    else:
+      q, key, value = self._grouped_qkv(x)
+      kv_axes = ("act_batch", "act_len", kv_heads_axis(cfg.kv_heads, self.mesh), "act_kv")
+    q = constrain(q, BSHK, self.mesh)
+    key, value = (constrain(a, kv_axes, self.mesh) for a in (key, value))
+    if cfg.positions == "rope":
+      q, key = rotary(q, positions, cfg.rope_theta), rotary(key, positions, cfg.rope_theta)
+    if self.decode:
+      key, value, mask = self._cached(key, value, mask, positions, kv_axes)
+    q = q * (k ** -0.5)
+    dropout = None
+    if cfg.dropout > 0 and not self.deterministic:
+      dropout = functools.partial(nn.Dropout(cfg.dropout), deterministic=False)
+    out = _grouped_attention(q, key, value, mask, dropout)
+    out = constrain(out, BSHK, self.mesh)
+    residual_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
+    w_out = self.param("out", param_with_axes(normal(residual_std), ("heads", "kv", "embed")),
+                       (h, k, d), pdt)
+    y = jnp.einsum("bshk,hkd->bsd", out, w_out.astype(dt))
+    if cfg.use_bias:
+      y = y + self.param("out_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (d,),
+                         pdt).astype(dt)
+    return constrain(y, BSD, self.mesh)
+
+  def _fused_qkv(self, x):
+    """q, k, v [b, s, h, k] from the fused `qkv` [d, 3, h, k] (multi-head)."""
     cfg = self.cfg
     dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
     d, h, k = cfg.d_model, cfg.num_heads, cfg.dim_per_head
@@ -136,51 +201,48 @@ class Attention(nn.Module):
       qkv = jnp.einsum("bsd,dnhk->bsnhk", x, w_qkv.astype(dt))
     else:
       qkv = jnp.einsum("bsd,dnhk->nbshk", x, w_qkv.astype(dt))
-    if cfg.use_bias:
+    if cfg.use_bias or cfg.qkv_bias:
       b_qkv = self.param("qkv_bias", param_with_axes(nn.initializers.zeros, ("qkv", "heads", "kv")),
                          (3, h, k), pdt)
       qkv = qkv + (b_qkv.astype(dt) if n_last else b_qkv.astype(dt)[:, None, None])
     if n_last:
-      q, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    else:
-      q, key, value = qkv[0], qkv[1], qkv[2]
-    q, key, value = (constrain(a, BSHK, self.mesh) for a in (q, key, value))
-    if cfg.positions == "rope":
-      q, key = rotary(q, positions), rotary(key, positions)
-    if self.decode:
-      key, value, mask = self._cached(key, value, mask, positions)
-    q = q * (k ** -0.5)
-    scores = jnp.einsum("bshk,bthk->bhst", q, key).astype(jnp.float32)
-    scores = jnp.where(mask, scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    if cfg.dropout > 0 and not self.deterministic:
-      probs = nn.Dropout(cfg.dropout)(probs, deterministic=False)
-    out = jnp.einsum("bhst,bthk->bshk", probs, value)
-    out = constrain(out, BSHK, self.mesh)
-    residual_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
-    w_out = self.param("out", param_with_axes(normal(residual_std), ("heads", "kv", "embed")),
-                       (h, k, d), pdt)
-    y = jnp.einsum("bshk,hkd->bsd", out, w_out.astype(dt))
-    if cfg.use_bias:
-      y = y + self.param("out_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (d,),
-                         pdt).astype(dt)
-    return constrain(y, BSD, self.mesh)
+      return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    return qkv[0], qkv[1], qkv[2]
 
-  def _cached(self, key, value, mask, positions):
+  def _grouped_qkv(self, x):
+    """q [b, s, h, k] from `q` [d, h, k]; k, v [b, s, g, k] from `kv` [d, 2, g, k]."""
+    cfg = self.cfg
+    dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    init = normal(cfg.init_std)
+    w_q = self.param("q", param_with_axes(init, ("embed", "heads", "kv")), (d, h, k), pdt)
+    w_kv = self.param("kv", param_with_axes(init, ("embed", "qkv", "kv_heads", "kv")),
+                      (d, 2, g, k), pdt)
+    q = jnp.einsum("bsd,dhk->bshk", x, w_q.astype(dt))
+    kv = jnp.einsum("bsd,dngk->nbsgk", x, w_kv.astype(dt))
+    if cfg.use_bias or cfg.qkv_bias:
+      zeros = nn.initializers.zeros
+      q = q + self.param("q_bias", param_with_axes(zeros, ("heads", "kv")), (h, k), pdt).astype(dt)
+      b_kv = self.param("kv_bias", param_with_axes(zeros, ("qkv", "kv_heads", "kv")), (2, g, k), pdt)
+      kv = kv + b_kv.astype(dt)[:, None, None]
+    return q, kv[0], kv[1]
+
+  def _cached(self, key, value, mask, positions, axes=BSHK):
     """(keys, values, mask) over the whole cache after writing this call's keys and values.
 
     The init call only makes the (zero) cache, at the length of its input, and attends as
-    usual. RoPE is already applied: the cache holds rotated keys."""
+    usual. RoPE is already applied: the cache holds rotated keys, of the g key/value heads."""
     ready = self.has_variable("cache", "cached_key")
-    zeros = param_with_axes(jnp.zeros, BSHK)
+    zeros = param_with_axes(jnp.zeros, BSHK if axes == BSHK else
+                            ("act_batch", "act_len", "act_kv_heads", "act_kv"))
     dt = dtype_of(self.cfg.dtype)
     cached_key = self.variable("cache", "cached_key", zeros, key.shape, dt)
     cached_value = self.variable("cache", "cached_value", zeros, value.shape, dt)
     if not ready:
       return key, value, mask
     start = positions[:, 0]
-    cached_key.value = constrain(write_rows(cached_key.value, key, start), BSHK, self.mesh)
-    cached_value.value = constrain(write_rows(cached_value.value, value, start), BSHK, self.mesh)
+    cached_key.value = constrain(write_rows(cached_key.value, key, start), axes, self.mesh)
+    cached_value.value = constrain(write_rows(cached_value.value, value, start), axes, self.mesh)
     slots = jnp.arange(cached_key.value.shape[1])
     mask = slots[None, None, None, :] <= positions[:, None, :, None]            # b 1 s t
     return cached_key.value, cached_value.value, mask
