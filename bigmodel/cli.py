@@ -133,6 +133,17 @@ def _parser() -> argparse.ArgumentParser:
   ct = cvsub.add_parser("to-hf", help="bigmodel workdir -> HF directory (config.json, model.safetensors)")
   ct.add_argument("--checkpoint", required=True, help="a workdir (config.gin + checkpoints/)")
   ct.add_argument("--out", required=True, help="the directory to write")
+  lo = sub.add_parser("lora", help="LoRA runs: export the adapters, or merge them into a plain workdir")
+  losub = lo.add_subparsers(dest="lora_command", required=True)
+  le = losub.add_parser("export", help="a LoRA run's adapters -> OUT/adapters.safetensors + lora.json")
+  le.add_argument("--workdir", required=True, help="a run trained with ModelConfig.lora_rank > 0")
+  le.add_argument("--out", required=True, help="the directory to write")
+  lm = losub.add_parser("merge", help="a LoRA run (or a base run + --adapters) -> a plain workdir "
+                        "with merged weights, for sample/chat/serve/evaluate/to-hf")
+  lm.add_argument("--workdir", required=True, help="a LoRA run, or with --adapters its base run")
+  lm.add_argument("--adapters", default="", help="a `bigmodel lora export` directory to merge "
+                  "into --workdir")
+  lm.add_argument("--out", required=True, help="the workdir to write")
   sub.add_parser("bench", help="benchmark grid: tokens/s, MFU, memory, the HF baseline beside "
                  "(its flags: `bigmodel bench --help`; main() hands them to bigmodel.bench)")
   return p
@@ -387,10 +398,19 @@ def cmd_convert(args, bindings):
   print(json.dumps(result, indent=1))
 
 
+def cmd_lora(args, bindings):
+  from bigmodel.interop import lora_workdir
+  if args.lora_command == "export":
+    result = lora_workdir.export(args.workdir, args.out)
+  else:
+    result = lora_workdir.merge(args.workdir, args.out, args.adapters)
+  print(json.dumps(result, indent=1))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "chat": cmd_chat,
             "serve": cmd_serve, "compile": cmd_compile,
             "tokenizer": cmd_tokenizer, "convert": cmd_convert, "data": cmd_data, "finetune": cmd_train,
-            "evaluate": cmd_evaluate, "predict": cmd_predict}
+            "evaluate": cmd_evaluate, "predict": cmd_predict, "lora": cmd_lora}
 
 
 def _fake_devices_for_compile(argv: list[str], args) -> None:

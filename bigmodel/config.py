@@ -60,6 +60,13 @@ class ModelConfig:
   one_hot_embed: bool = False  # embedding lookup as a one-hot matmul
   init_std: float = 0.02
   type_vocab_size: int = 2     # encoder only: segment (token type) vocabulary
+  # LoRA (bigmodel/models/lora.py): rank-r adapters beside the targeted projections, the base
+  # params frozen; 0: off (the param tree is the plain model's).
+  lora_rank: int = 0
+  lora_alpha: float = 16.0     # the adapters' output is scaled by lora_alpha / lora_rank
+  lora_targets: Sequence[str] = ("qkv", "q", "kv", "out", "wi", "wi_gate", "wo")  # attention:
+                               # qkv (multi-head) or q, kv (grouped); out. MLP: wi, wi_gate
+                               # (SwiGLU only; else ignored), wo
 
   def __post_init__(self):
     choices = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
@@ -68,6 +75,14 @@ class ModelConfig:
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+    object.__setattr__(self, "lora_targets", tuple(self.lora_targets))   # gin gives lists
+    if self.lora_rank < 0:
+      raise ConfigError(f"ModelConfig.lora_rank={self.lora_rank}: use 0 (no LoRA) or a rank >= 1")
+    lora_names = ("qkv", "q", "kv", "out", "wi", "wi_gate", "wo")
+    bad = [t for t in self.lora_targets if t not in lora_names]
+    if self.lora_rank and (bad or not self.lora_targets):
+      raise ConfigError(f"ModelConfig.lora_targets={tuple(self.lora_targets)!r}: name one or more "
+                        f"of {lora_names}")
     if self.d_model % self.num_heads and not self.head_dim:
       raise ConfigError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads="
                         f"{self.num_heads}; set ModelConfig.head_dim explicitly")

@@ -42,6 +42,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("norm", None),
     ("pos", None),
     ("classes", None),
+    ("lora", None),          # LoRA adapters' rank (models/lora.py)
     # activations
     ("act_batch", BATCH_AXES),
     ("act_len", None),

@@ -30,6 +30,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from bigmodel.config import ModelConfig
+from bigmodel.models import lora
 from bigmodel.sharding import constrain, kv_heads_axis
 
 # Activation layouts (logical names; see sharding.RULES).
@@ -181,7 +182,7 @@ class Attention(nn.Module):
     residual_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     w_out = self.param("out", param_with_axes(normal(residual_std), ("heads", "kv", "embed")),
                        (h, k, d), pdt)
-    y = jnp.einsum("bshk,hkd->bsd", out, w_out.astype(dt))
+    y = lora.project(self, "out", "bshk,hkd->bsd", out, w_out, ("heads", "kv", "embed"), n_in=2)
     if cfg.use_bias:
       y = y + self.param("out_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (d,),
                          pdt).astype(dt)
@@ -198,9 +199,9 @@ class Attention(nn.Module):
     # every step. Everywhere else one layout, n first.
     n_last = self.decode and on_cpu(self.mesh)
     if n_last:
-      qkv = jnp.einsum("bsd,dnhk->bsnhk", x, w_qkv.astype(dt))
+      qkv = lora.project(self, "qkv", "bsd,dnhk->bsnhk", x, w_qkv, ("embed", "qkv", "heads", "kv"))
     else:
-      qkv = jnp.einsum("bsd,dnhk->nbshk", x, w_qkv.astype(dt))
+      qkv = lora.project(self, "qkv", "bsd,dnhk->nbshk", x, w_qkv, ("embed", "qkv", "heads", "kv"))
     if cfg.use_bias or cfg.qkv_bias:
       b_qkv = self.param("qkv_bias", param_with_axes(nn.initializers.zeros, ("qkv", "heads", "kv")),
                          (3, h, k), pdt)
@@ -218,8 +219,8 @@ class Attention(nn.Module):
     w_q = self.param("q", param_with_axes(init, ("embed", "heads", "kv")), (d, h, k), pdt)
     w_kv = self.param("kv", param_with_axes(init, ("embed", "qkv", "kv_heads", "kv")),
                       (d, 2, g, k), pdt)
-    q = jnp.einsum("bsd,dhk->bshk", x, w_q.astype(dt))
-    kv = jnp.einsum("bsd,dngk->nbsgk", x, w_kv.astype(dt))
+    q = lora.project(self, "q", "bsd,dhk->bshk", x, w_q, ("embed", "heads", "kv"))
+    kv = lora.project(self, "kv", "bsd,dngk->nbsgk", x, w_kv, ("embed", "qkv", "kv_heads", "kv"))
     if cfg.use_bias or cfg.qkv_bias:
       zeros = nn.initializers.zeros
       q = q + self.param("q_bias", param_with_axes(zeros, ("heads", "kv")), (h, k), pdt).astype(dt)
@@ -260,11 +261,14 @@ class Mlp(nn.Module):
     d, f = cfg.d_model, cfg.mlp_dim
     init = param_with_axes(normal(cfg.init_std), ("embed", "mlp"))
     if cfg.mlp == "swiglu":
-      gate = jnp.einsum("bsd,df->bsf", x, self.param("wi_gate", init, (d, f), pdt).astype(dt))
-      up = jnp.einsum("bsd,df->bsf", x, self.param("wi", init, (d, f), pdt).astype(dt))
+      gate = lora.project(self, "wi_gate", "bsd,df->bsf", x, self.param("wi_gate", init, (d, f), pdt),
+                          ("embed", "mlp"))
+      up = lora.project(self, "wi", "bsd,df->bsf", x, self.param("wi", init, (d, f), pdt),
+                        ("embed", "mlp"))
       hidden = jax.nn.silu(gate) * up
     else:
-      hidden = jnp.einsum("bsd,df->bsf", x, self.param("wi", init, (d, f), pdt).astype(dt))
+      hidden = lora.project(self, "wi", "bsd,df->bsf", x, self.param("wi", init, (d, f), pdt),
+                            ("embed", "mlp"))
       if cfg.use_bias:
         hidden = hidden + self.param("wi_bias", param_with_axes(nn.initializers.zeros, ("mlp",)),
                                      (f,), pdt).astype(dt)
@@ -272,7 +276,7 @@ class Mlp(nn.Module):
     hidden = constrain(hidden, BSF, self.mesh)
     residual_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     w_out = self.param("wo", param_with_axes(normal(residual_std), ("mlp", "embed")), (f, d), pdt)
-    y = jnp.einsum("bsf,fd->bsd", hidden, w_out.astype(dt))
+    y = lora.project(self, "wo", "bsf,fd->bsd", hidden, w_out, ("mlp", "embed"))
     if cfg.use_bias:
       y = y + self.param("wo_bias", param_with_axes(nn.initializers.zeros, ("embed",)), (d,),
                          pdt).astype(dt)

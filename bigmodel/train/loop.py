@@ -17,6 +17,7 @@ from bigmodel import distributed, flops, models, objectives, sharding, storage
 from bigmodel.config import ConfigError, Experiment
 from bigmodel.data import lm as lm_data
 from bigmodel.data import tokenizers
+from bigmodel.models import lora
 from bigmodel.train import bad_steps, checkpoint, preemption, state as state_lib, step as step_lib
 from bigmodel.train import hooks as hooks_lib
 from bigmodel.train.metrics import MetricWriter
@@ -141,6 +142,12 @@ def load_params(workdir: str, abstract_params, init_params=None) -> tuple[Any, i
       if fresh:
         abstract_params = {k: v for k, v in abstract_params.items() if k not in FRESH_PARAMS}
         print(f"init_checkpoint: {len(fresh)} head params start fresh: {sorted(fresh)}", flush=True)
+      adapters = {k for k in want if k not in got and lora.is_adapter(k.split("/")[-1])}
+      if adapters:             # LoRA on a base run: its adapters start fresh (B = 0)
+        want = {k: v for k, v in want.items() if k not in adapters}
+        abstract_params = lora.without_adapters(abstract_params)
+        fresh = fresh | adapters
+        print(f"init_checkpoint: {len(adapters)} LoRA adapters start fresh", flush=True)
     problems = checkpoint.shape_problems(got, want)
     if problems:
       raise checkpoint.CheckpointError(
@@ -154,7 +161,7 @@ def load_params(workdir: str, abstract_params, init_params=None) -> tuple[Any, i
     manager.close()
   params = restored["state"]["params"]
   if fresh:
-    params = {**params, **{k: v for k, v in init_params.items() if k not in params}}
+    params = lora.overlay(init_params, params)
   return params, step
 
 

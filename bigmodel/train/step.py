@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from bigmodel import sharding
+from bigmodel.models import lora
 from bigmodel.train import bad_steps
 from bigmodel.train.state import TrainState
 
@@ -33,6 +34,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
 
   def grads_of(params, batch, rng):
     def f(p):
+      p = lora.stop_frozen_gradients(p, getattr(model, "cfg", None))   # LoRA: no base gradients
       return loss_fn(model, p, batch, deterministic=False, rngs={"dropout": rng})
     return jax.value_and_grad(f, has_aux=True)(params)
 
