@@ -118,6 +118,8 @@ class DataConfig:
   prepared_dir: str = ""            # a `bigmodel data prepare` output (local or gs://...): stream its
                                     # token shards (causal LM) instead of reading `files` in memory
   val_fraction: float = 0.1
+  scrub_pii: bool = False           # replace e-mails, phones, cards, IBANs, IPs, URL credentials
+                                    # by <EMAIL> ... placeholders in all text read (data/pii.py)
   documents: str = "file"           # file | blank_line | line | heading: where documents split
   tokenizer: str = "char"           # char | byte | path/to/sentencepiece.model
   seq_len: int = 64
@@ -143,6 +145,15 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float = 1.0            # 0: no clipping
+  # DP-SGD (bigmodel/train/dp.py): per-example gradients clipped to dp_l2_clip (> 0 turns it
+  # on), Gaussian noise of std dp_noise_multiplier * dp_l2_clip on their sum. dp_epsilon > 0
+  # computes the multiplier before training (for train_steps at dp_delta; 0: 1/n).
+  dp_l2_clip: float = 0.0
+  dp_noise_multiplier: float = 0.0
+  dp_epsilon: float = 0.0
+  dp_delta: float = 0.0
+  dp_sampling: str = "poisson"      # poisson (exact account) | shuffle (accounted as if Poisson)
+  dp_accountant: str = "pld"        # pld | rdp (rdp: shuffle sampling only)
 
 
 @gin.configurable

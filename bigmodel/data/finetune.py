@@ -150,6 +150,7 @@ class ClassificationData(KeyedTable):
     val_path = readers.resolve(cfg.val_files[0], cfg.data_dir) if cfg.val_files else ""
     texts, labels = readers.read_classification(train_path, cfg.text_columns, cfg.label_column,
                                                 cfg.column_names)
+    texts = _scrubbed(cfg, texts, train_path)
     label_set = readers.LabelSet(tuple(cfg.labels)) if cfg.labels else readers.LabelSet.infer(labels)
     train = encode(tokenizer, texts, cfg.seq_len, decoder)
     train.labels = np.asarray(label_set.ids(labels, train_path), np.int32)
@@ -185,11 +186,22 @@ def load_eval(cfg: DataConfig, tokenizer, label_set: readers.LabelSet, path: str
   texts, labels = readers.read_classification(path, cfg.text_columns,
                                               cfg.label_column if with_labels else "",
                                               cfg.column_names)
-  table = encode(tokenizer, texts, cfg.seq_len, decoder)
+  table = encode(tokenizer, _scrubbed(cfg, texts, path), cfg.seq_len, decoder)
   if labels is not None:
     table.labels = np.asarray(label_set.ids(labels, path), np.int32)
   return table
 
 
 def read_texts(cfg: DataConfig, path: str) -> list[tuple[str, ...]]:
-  return readers.read_classification(path, cfg.text_columns, "", cfg.column_names)[0]
+  return _scrubbed(cfg, readers.read_classification(path, cfg.text_columns, "", cfg.column_names)[0],
+                   path)
+
+
+def _scrubbed(cfg: DataConfig, texts: list[tuple[str, ...]], path: str) -> list[tuple[str, ...]]:
+  """The texts with PII replaced by placeholders when DataConfig.scrub_pii is on."""
+  if not cfg.scrub_pii:
+    return texts
+  from bigmodel.data import pii
+  out = pii.scrub_rows(texts)
+  pii.report(path)
+  return out

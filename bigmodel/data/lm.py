@@ -201,6 +201,35 @@ def epoch_rows(keys: np.ndarray, n: int, seed: int, salt: int) -> np.ndarray:
   return idx
 
 
+POISSON_SALT = 0x706f6973
+
+
+@functools.lru_cache(maxsize=8)
+def poisson_sample(seed: int, step: int, n: int, batch: int, salt: int) -> np.ndarray:
+  """The rows of Poisson batch `step`: each of n rows with probability batch / n, then (if more
+  than `batch`) a uniformly random subset of `batch` of them; a pure function of the arguments."""
+  rng = np.random.default_rng([seed, step, salt, POISSON_SALT])
+  chosen = np.flatnonzero(rng.random(n) < batch / n)
+  if len(chosen) > batch:
+    chosen = rng.choice(chosen, batch, replace=False)
+  return rng.permutation(chosen)
+
+
+def poisson_rows(keys: np.ndarray, n: int, batch: int, seed: int, salt: int):
+  """Example keys (batch k // batch, slot k % batch) -> (table rows, real): slots past the
+  batch's sample are padding (row 0, real False)."""
+  steps, slots = keys // batch, keys % batch
+  idx, real = np.zeros_like(keys), np.zeros(len(keys), bool)
+  for s in np.unique(steps):
+    sel = steps == s
+    chosen = poisson_sample(seed, int(s), n, batch, salt)
+    ok = slots[sel] < len(chosen)
+    idx[sel] = np.where(ok, chosen[np.minimum(slots[sel], max(len(chosen) - 1, 0))] if len(chosen)
+                        else 0, 0)
+    real[sel] = ok
+  return idx, real
+
+
 def keyed_batches(rows_fn, shapes: dict, float_keys, global_batch: int, start: int, stop: int,
                   host_rows: tuple[int, int] | None) -> tf.data.Dataset:
   """Global batches start..stop-1 of a pipeline built in numpy, one row per example key.
@@ -243,7 +272,19 @@ class KeyedTable:
   def _rows(self, table, idx: np.ndarray, real: np.ndarray) -> dict:
     raise NotImplementedError
 
+  poisson_batch: int = 0   # > 0: Poisson-sampled train batches (DP-SGD), see use_poisson
+
+  def use_poisson(self, global_batch: int) -> None:
+    """Train batches by truncated Poisson sampling (DP-SGD, train/dp.py): batch t holds every
+    train row with probability q = global_batch / n, independently, a random subset of them if
+    more than global_batch, then weight-0 padding rows."""
+    self.poisson_batch = global_batch
+
   def train_rows(self, keys: np.ndarray) -> dict:
+    if self.poisson_batch:
+      idx, real = poisson_rows(keys, len(self.train), self.poisson_batch, self.cfg.seed,
+                               self.shuffle_salt)
+      return self._rows(self.train, idx, real)
     idx = epoch_rows(keys, len(self.train), self.cfg.seed, self.shuffle_salt)
     return self._rows(self.train, idx, np.ones(len(keys), bool))
 

@@ -142,6 +142,10 @@ def read_conll(path: str, cfg: DataConfig) -> list[Sentence]:
     raise
   if cfg.ner_tag_scheme == "iob1":
     sentences = [(w, iob1_to_iob2(t)) for w, t in sentences]
+  if cfg.scrub_pii:     # token by token: a phone number split over tokens is not found
+    from bigmodel.data import pii
+    sentences = [(pii.scrub_all(w), t) for w, t in sentences]
+    pii.report(path)
   return sentences
 
 

@@ -161,7 +161,19 @@ def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def load_pairs(cfg: DataConfig) -> tuple[Pairs, Pairs]:
-  """(train pairs, eval pairs) named by the config."""
+  """(train pairs, eval pairs) named by the config; PII scrubbed when DataConfig.scrub_pii."""
+  train, val = _load_pairs(cfg)
+  if not cfg.scrub_pii:
+    return train, val
+  from bigmodel.data import pii
+  out = tuple(dataclasses.replace(p, prompts=pii.scrub_all(p.prompts), responses=None
+                                  if p.responses is None else pii.scrub_all(p.responses))
+              for p in (train, val))
+  pii.report("prompted pairs")
+  return out
+
+
+def _load_pairs(cfg: DataConfig) -> tuple[Pairs, Pairs]:
   if not first(cfg.files):
     raise DataError("prompted fine-tuning needs a train file: DataConfig.files = [%TRAIN_FILE] "
                     "(translation: the source side, with PromptedConfig.target_files)")

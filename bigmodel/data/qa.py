@@ -342,6 +342,9 @@ class QAData(KeyedTable):
 
   @classmethod
   def build(cls, cfg: DataConfig, tokenizer=None) -> "QAData":
+    if cfg.scrub_pii:
+      raise DataError("DataConfig.scrub_pii is not available for extractive QA: placeholders would "
+                      "move the answer offsets; scrub the SQuAD JSON beforehand")
     if tokenizer is None:
       tokenizer = tokenizers.build(cfg.tokenizer)
     train_recs, train_src = load_records(cfg, "train")

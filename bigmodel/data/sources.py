@@ -123,9 +123,19 @@ def lm_documents(cfg: DataConfig) -> tuple[list[str], list[str] | None, str]:
     if cfg.val_files:
       val_paths = resolve_files(cfg.val_files, cfg.data_dir, "DataConfig.val_files")
       val = read_documents(val_paths, cfg.documents)
-    return train, val, f"files {paths}"
+    return _scrubbed(cfg, train), _scrubbed(cfg, val), f"files {paths}"
   if not cfg.tfds_name:
     raise DataError("no data: set DataConfig.files (local text files) or DataConfig.tfds_name")
   train = tfds_documents(cfg.tfds_name, "train", cfg.tfds_text_key)
   val = tfds_documents(cfg.tfds_name, "validation", cfg.tfds_text_key)
-  return train, val, f"TFDS {cfg.tfds_name}"
+  return _scrubbed(cfg, train), _scrubbed(cfg, val), f"TFDS {cfg.tfds_name}"
+
+
+def _scrubbed(cfg: DataConfig, docs: list[str] | None) -> list[str] | None:
+  """The documents with PII replaced by placeholders when DataConfig.scrub_pii is on."""
+  if not cfg.scrub_pii or docs is None:
+    return docs
+  from bigmodel.data import pii
+  out = pii.scrub_all(docs)
+  pii.report("documents")
+  return out

@@ -18,7 +18,7 @@ from bigmodel.config import ConfigError, Experiment
 from bigmodel.data import lm as lm_data
 from bigmodel.data import tokenizers
 from bigmodel.models import lora
-from bigmodel.train import bad_steps, checkpoint, preemption, state as state_lib, step as step_lib
+from bigmodel.train import bad_steps, checkpoint, dp, preemption, state as state_lib, step as step_lib
 from bigmodel.train import hooks as hooks_lib
 from bigmodel.train.metrics import MetricWriter
 
@@ -41,10 +41,12 @@ class Components:
   example: dict
   abstract: Any       # abstract TrainState with shardings
   state_sh: Any       # TrainState of NamedShardings
+  dp: Any = None      # dp.Accounting of a DP-SGD run (set by `setup` once the data is known)
 
   @classmethod
   def build(cls, exp: Experiment, mesh) -> "Components":
     sharding.check_batch(exp.train.batch_size, mesh, exp.train.microbatches)
+    dp.check(exp.optim)
     objective = objectives.get(exp.train.objective)
     model = models.build(objective.model, exp.model, mesh, **objective.head_args(exp.task))
     tx, lr = make_optimizer(exp)
@@ -72,7 +74,9 @@ class Components:
   def train_step(self):
     return step_lib.make_train_step(self.model, self.tx, self.lr, self.objective.loss_fn, self.mesh,
                                     self.state_sh, microbatches=self.exp.train.microbatches,
-                                    seed=self.exp.train.seed)
+                                    seed=self.exp.train.seed,
+                                    dp_clip=self.exp.optim.dp_l2_clip if self.dp else 0.0,
+                                    dp_noise=self.dp.noise_multiplier if self.dp else 0.0)
 
   def eval_step(self):
     return step_lib.make_eval_step(self.model, self.objective.loss_fn, self.mesh, self.state_sh.params,
@@ -207,9 +211,14 @@ def setup(exp: Experiment, workdir: str, config_str: str = "", allow_changed=())
   init_dir = _init_workdir(tc.init_checkpoint) if tc.init_checkpoint and latest is None else None
   if init_dir:
     _check_init_workdir(init_dir, tc.init_checkpoint)
+  if exp.data.scrub_pii:
+    from bigmodel.data import pii
+    pii.reset()
   data = comp.build_data(_existing_tokenizer(workdir) if latest is not None else
                          _existing_tokenizer(init_dir) if init_dir else None)
   _check_vocab(exp, data.tokenizer)
+  if dp.enabled(exp.optim):
+    comp.dp = _dp_setup(exp, data)
   if latest is not None:
     state, meta, _ = restored
     start = int(state.step)
@@ -232,6 +241,23 @@ def setup(exp: Experiment, workdir: str, config_str: str = "", allow_changed=())
   return hooks_lib.Run(comp, data, workdir, ckpt, MetricWriter(workdir, tc.train_steps), state,
                        start, last_step, resumed=latest is not None, step=start,
                        identity=identity)
+
+
+def _dp_setup(exp: Experiment, data) -> dp.Accounting:
+  """DP-SGD: the accounting (noise multiplier from the target epsilon) and Poisson batches."""
+  train = getattr(data, "train", None)
+  if train is None or not hasattr(data, "use_poisson"):
+    raise ConfigError(f"DP-SGD (OptimConfig.dp_l2_clip > 0) needs a table pipeline with one row "
+                      f"per example (objectives classification, token_classification, qa, "
+                      f"prompted_lm); {exp.train.objective!r} has none")
+  acc = dp.accounting(exp.optim, len(train), exp.train.batch_size, exp.train.train_steps)
+  if acc.sampling == "poisson":
+    data.use_poisson(exp.train.batch_size)
+  print(f"DP-SGD: clip {exp.optim.dp_l2_clip}, noise multiplier {acc.noise_multiplier:.4f}, "
+        f"{acc.sampling} sampling q={acc.q:.3g} of {acc.n} examples; epsilon "
+        f"{acc.epsilon(exp.train.train_steps):.3f} at delta {acc.delta:.3g} after "
+        f"{exp.train.train_steps} steps ({acc.accountant.upper()} accountant)", flush=True)
+  return acc
 
 
 def prefetch_to_device(batches: Iterator[dict], size: int = 2) -> Iterator[dict]:
@@ -314,6 +340,11 @@ def train(exp: Experiment, workdir: str, config_str: str = "", hooks=(), prefetc
   if run.summary["tokens_per_sec"]:
     run.summary.update(peak.mfu_fields(run.summary["tokens_per_sec"] * fpt),
                        peak_flops_source=peak.source)
+  if exp.data.scrub_pii:
+    from bigmodel.data import pii
+    run.summary["pii"] = pii.report("the run's data")
+  if run.comp.dp:
+    run.summary.update(dp.summary(run.comp.dp, run.step, exp.optim.dp_l2_clip))
   if run.preempted:
     run.summary["preempted"] = True
   for hook in hooks:
@@ -364,6 +395,9 @@ class MetricsHook(hooks_lib.Hook):
     record.pop("perplexity", None)
     if "bad_steps" in m:
       record["bad_steps"] = int(m["bad_steps"])
+    if run.comp.dp:
+      record.update(dp_epsilon=run.comp.dp.epsilon(step),
+                    dp_clipped_fraction=float(m["dp_clipped_fraction"]))
     check_bad_steps(run, m, step)
     if "bad_steps" not in m and not all(math.isfinite(record[k]) for k in ("loss", "grad_norm")):
       raise TrainingError(f"step {step}: loss {record['loss']}, grad norm {record['grad_norm']}"
@@ -402,9 +436,11 @@ def save(run: hooks_lib.Run, step: int, force: bool = False) -> None:
     return
   check_bad_steps(run, jax.device_get(bad_steps.step_metrics(run.state.opt_state)), step)
   tc = run.exp.train
-  run.ckpt.save(step, run.state, {"data_step": step, "seed": run.exp.data.seed,
-                                  "examples_seen": step * tc.batch_size, "run": run.identity},
-                force=force)
+  meta = {"data_step": step, "seed": run.exp.data.seed, "examples_seen": step * tc.batch_size,
+          "run": run.identity}
+  if run.comp.dp:
+    meta["dp"] = dp.summary(run.comp.dp, step, run.exp.optim.dp_l2_clip)
+  run.ckpt.save(step, run.state, meta, force=force)
   run.saved_step = step
 
 

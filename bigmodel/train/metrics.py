@@ -82,7 +82,8 @@ class MetricWriter:
     eta = (self.total_steps - step) / rate if rate > 0 else 0.0
     parts = [f"step {step}/{self.total_steps}"]
     for key, fmt in (("loss", "{:.4f}"), ("learning_rate", "lr {:.2e}"), ("grad_norm", "gnorm {:.2f}"),
-                     ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}")):
+                     ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"),
+                     ("dp_epsilon", "eps {:.2f}")):
       if key in record:
         parts.append((fmt if "{" in fmt and " " in fmt else key + " " + fmt).format(record[key]))
     parts.append(f"{rate:.1f} steps/s, ETA {_fmt_duration(eta)}")

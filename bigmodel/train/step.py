@@ -10,7 +10,7 @@ import optax
 
 from bigmodel import sharding
 from bigmodel.models import lora
-from bigmodel.train import bad_steps
+from bigmodel.train import bad_steps, dp
 from bigmodel.train.state import TrainState
 
 
@@ -25,12 +25,16 @@ def _split_microbatches(batch: dict, k: int) -> dict:
 
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     loss_fn: Callable, mesh, state_sh, *, microbatches: int = 1,
-                    seed: int = 0) -> Callable:
+                    seed: int = 0, dp_clip: float = 0.0, dp_noise: float = 0.0) -> Callable:
   """(state, batch) -> (state, metrics). `loss_fn(model, params, batch, deterministic, rngs)`
   returns (summed loss, aux with a summed `weight`); the step divides by the total weight,
   so k microbatches give the same update as one k-times-larger batch. With a bad-step guard
   around `tx` (train/bad_steps.py) the update sees the mean loss and the metrics carry the
-  guard's counters; the step stays one jitted function with the state donated."""
+  guard's counters; the step stays one jitted function with the state donated.
+
+  With `dp_clip` > 0 (DP-SGD, train/dp.py) the gradient is instead the sum of per-example
+  gradients clipped to `dp_clip`, plus N(0, (dp_noise * dp_clip)^2) noise drawn once per global
+  batch, over the batch size; the guard then sees no loss (no data-dependent spike test)."""
 
   def grads_of(params, batch, rng):
     def f(p):
@@ -38,26 +42,40 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
       return loss_fn(model, p, batch, deterministic=False, rngs={"dropout": rng})
     return jax.value_and_grad(f, has_aux=True)(params)
 
+  def batch_grads(params, batch, rng):
+    """((loss_sum, aux), gradient sum[, clipped rows]) of a (micro)batch."""
+    if dp_clip > 0:
+      return dp.clipped_sum(grads_of, params, batch, rng, dp_clip)
+    return grads_of(params, batch, rng)
+
   def step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     if microbatches == 1:
-      (loss_sum, aux), grads = grads_of(state.params, batch, rng)
+      out = batch_grads(state.params, batch, rng)
     else:
       micro = _split_microbatches(batch, microbatches)
 
       def body(carry, xs):
         i, mb = xs
-        (l, a), g = grads_of(state.params, mb, jax.random.fold_in(rng, i))
-        return jax.tree.map(jnp.add, carry, ((l, a), g)), None
+        return jax.tree.map(jnp.add, carry, batch_grads(state.params, mb, jax.random.fold_in(rng, i))), None
 
-      zeros = jax.eval_shape(lambda: grads_of(state.params, jax.tree.map(lambda x: x[0], micro), rng))
+      zeros = jax.eval_shape(lambda: batch_grads(state.params, jax.tree.map(lambda x: x[0], micro), rng))
       init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-      ((loss_sum, aux), grads), _ = jax.lax.scan(body, init, (jnp.arange(microbatches), micro))
+      out, _ = jax.lax.scan(body, init, (jnp.arange(microbatches), micro))
+    (loss_sum, aux), grads = out[:2]
     weight = jnp.maximum(aux["weight"], 1.0)
-    grads = jax.tree.map(lambda g: g / weight, grads)
     loss = loss_sum / weight
+    extra = {}
+    if dp_clip > 0:
+      rows = jax.tree.leaves(batch)[0].shape[0]
+      grads = dp.add_noise(grads, dp.noise_key(seed, state.step), dp_noise * dp_clip)
+      grads = jax.tree.map(lambda g: g / rows, grads)
+      extra = {"dp_clipped_fraction": out[2] / weight}
+    else:
+      grads = jax.tree.map(lambda g: g / weight, grads)
     if bad_steps.is_guarded(state.opt_state):
-      updates, opt_state = tx.update(grads, state.opt_state, state.params, value=loss)
+      value = jnp.zeros((), jnp.float32) if dp_clip > 0 else loss
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, value=value)
     else:
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -67,6 +85,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
         "param_norm": optax.tree.norm(params),
         "learning_rate": lr_schedule(state.step),
         **bad_steps.step_metrics(opt_state),
+        **extra,
     }
     metrics.update({f"sum/{k}": v for k, v in aux.items()})   # the objective summarizes these
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
