@@ -42,6 +42,16 @@ import jax.numpy as jnp
 
 from bigmodel.config import ConfigError, OptimConfig
 
+
+def _dp_accounting():
+  """Google's dp-accounting, or a ConfigError saying how to install it."""
+  try:
+    import dp_accounting
+  except ImportError:
+    raise ConfigError("DP-SGD (OptimConfig.dp_*) accounts its privacy with Google's dp-accounting, "
+                      "which is not installed: pip install -e '.[privacy]'") from None
+  return dp_accounting
+
 log = logging.getLogger(__name__)
 
 NOISE_SALT = 0x6470   # the noise key's own stream, apart from dropout's
@@ -132,7 +142,7 @@ class Accounting:
     return min(1.0, self.batch / self.n)
 
   def event(self, steps: int, noise_multiplier: float | None = None):
-    import dp_accounting
+    dp_accounting = _dp_accounting()
     z = self.noise_multiplier if noise_multiplier is None else noise_multiplier
     if self.sampling == "poisson":
       one = dp_accounting.TruncatedSubsampledGaussianDpEvent(
