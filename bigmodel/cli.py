@@ -199,6 +199,7 @@ def _setup_logging():
 def _load_config(args, bindings):
   from bigmodel import config
   from bigmodel import storage
+  from bigmodel.data import recsys  # noqa: F401 - registers RecsysConfig with gin
   files = list(args.gin_file)
   if not files and getattr(args, "workdir", None):
     saved = storage.join(args.workdir, "config.gin")
@@ -209,7 +210,9 @@ def _load_config(args, bindings):
     elif not bindings:
       raise config.ConfigError(f"{saved} does not exist: pass --gin_file, or a --workdir "
                                f"written by `bigmodel train`")
-  return config.load(files, bindings)
+  exp = config.load(files, bindings)
+  recsys.operative(exp)     # a recommender's RecsysConfig joins the run's config.gin
+  return exp
 
 
 def cmd_train(args, bindings):
@@ -331,6 +334,8 @@ def cmd_chat(args, bindings):
 def cmd_serve(args, bindings):
   from bigmodel.infer import api, serve
   _compile_cache()
+  if _load_config(args, bindings).train.objective in ("sasrec", "bert4rec"):
+    return _serve_recommender(args, bindings)
   exp, model, params, tokenizer, step = _restore_decoder(args, bindings)
   name = args.model_name or os.path.basename(os.path.normpath(args.workdir))
   app, engine = serve.build_app(exp, model, params, tokenizer, step=step, slots=args.slots,
@@ -342,6 +347,19 @@ def cmd_serve(args, bindings):
         f"GET /v1/models, /health)", flush=True)
   api.run(app, args.host, args.port)
   engine.stop()
+
+
+def _serve_recommender(args, bindings):
+  """`bigmodel serve` on a recommender run: POST /recommend (bigmodel.infer.recommend)."""
+  from bigmodel.evaluation.recsys import Recommender
+  from bigmodel.infer import api, recommend
+  rec = Recommender(args.workdir, _load_config(args, bindings))
+  name = args.model_name or os.path.basename(os.path.normpath(args.workdir))
+  app = recommend.make_app(rec, max_batch=args.max_batch, model_name=name,
+                           api_key=args.api_key or os.environ.get("BIGMODEL_API_KEY") or None)
+  print(f"bigmodel serve: {name} on http://{args.host}:{args.port} ({len(rec.vocab)} items; "
+        f"POST /recommend, GET /health)", flush=True)
+  api.run(app, args.host, args.port)
 
 
 def cmd_compile(args, bindings):

@@ -202,6 +202,9 @@ def load(directory: str):
     return CharTokenizer(spec["chars"])
   if spec["type"] == "byte":
     return ByteTokenizer()
+  if spec["type"] == "items":    # a recommender run's item catalogue (bigmodel.data.recsys)
+    from bigmodel.data.recsys import ItemVocab
+    return ItemVocab(spec["items"])
   raise ValueError(f"{path}: unknown tokenizer type {spec['type']!r}")
 
 

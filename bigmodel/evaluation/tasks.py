@@ -130,6 +130,16 @@ def _predict_prompted(workdir: str, exp, input_file: str) -> list[dict]:
   return prompted.predict_prompted(workdir, exp, input_file)
 
 
+def _evaluate_recsys(workdir: str, exp, eval_file: str = "") -> dict:
+  from bigmodel.evaluation import recsys
+  return recsys.evaluate_recsys(workdir, exp, eval_file)
+
+
+def _predict_recsys(workdir: str, exp, input_file: str) -> list[dict]:
+  from bigmodel.evaluation import recsys
+  return recsys.predict_recsys(workdir, exp, input_file)
+
+
 # objective -> (evaluate, predict). Task modules add their entry here.
 HANDLERS = {
     "classification": (evaluate_classification, predict_classification),
@@ -137,6 +147,8 @@ HANDLERS = {
     "qa": (_evaluate_qa, _predict_qa),
     "token_classification": (_evaluate_ner, _predict_ner),
     "prompted_lm": (_evaluate_prompted, _predict_prompted),
+    "sasrec": (_evaluate_recsys, _predict_recsys),
+    "bert4rec": (_evaluate_recsys, _predict_recsys),
 }
 
 

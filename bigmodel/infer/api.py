@@ -448,6 +448,42 @@ def _legacy_route(app: FastAPI, service: Service) -> None:
             "finish_reasons": [{"stop": "eos"}.get(f, f) for _, _, f in outs]}
 
 
+# ----------------------------------------------------------------------------- recommender
+# `bigmodel serve` on a sasrec / bert4rec run: POST /recommend (bigmodel.infer.recommend).
+
+
+def make_recommend_app(recommender, *, max_batch: int = 8, api_key: str | None = None,
+                       model_name: str = "bigmodel", max_body: int = 1 << 20) -> FastAPI:
+  """The ASGI app of a recommender: POST /recommend, GET /health; errors as /generate's."""
+  from starlette.exceptions import HTTPException as StarletteHTTPException
+  from bigmodel.infer import recommend
+  app = FastAPI(title="bigmodel", docs_url=None, redoc_url=None, openapi_url=None)
+  app.add_middleware(_Guard, api_key=api_key, max_body=max_body)
+
+  @app.exception_handler(StarletteHTTPException)
+  async def _http(request, e):
+    return _error(e.status_code, f"{request.method} {request.url.path}: {e.detail}; routes: "
+                  f"POST /recommend, GET /health")
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok", "model": model_name, "step": recommender.step,
+            "items": len(recommender.vocab)}
+
+  @app.post("/recommend")
+  async def recommend_route(request: Request):
+    try:
+      job = recommend.parse_recommend(await request.body(), max_batch, len(recommender.vocab),
+                                      recommender.rc.top_k)
+    except legacy.RequestError as e:
+      return JSONResponse({"error": str(e)}, status_code=400)
+    answers = await asyncio.to_thread(
+        lambda: [recommender.recommend(h, job["top_k"]) for h in job["histories"]])
+    return {"recommendations": answers}
+
+  return app
+
+
 class _Guard:
   """ASGI middleware: the API key on every route, a length on every body, a size limit."""
 

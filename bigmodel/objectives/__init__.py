@@ -32,6 +32,7 @@ from bigmodel.objectives import bert, classification, lm
 from bigmodel.objectives import maths
 from bigmodel.objectives import prompted_lm
 from bigmodel.objectives import qa
+from bigmodel.objectives import recsys
 from bigmodel.objectives import token_classification
 
 
@@ -98,6 +99,14 @@ OBJECTIVES = {
     "mlp_regression": Objective("mlp", maths.mlp_regression_loss, maths.summarize,
                                 maths.model_args, maths.example_batch, maths.build_data("mlp"),
                                 NO_VOCAB_OUTPUT, maths.MathsConfig),
+    # recommendation over item ids (bigmodel/data/recsys.py): the catalogue is the vocabulary
+    "sasrec": Objective("decoder", recsys.sasrec_loss, recsys.summarize, recsys.sasrec_model_args,
+                        recsys.sasrec_example_batch, recsys.build_sasrec_data,
+                        config=recsys.RecsysConfig),
+    "bert4rec": Objective("item_encoder", recsys.bert4rec_loss, recsys.summarize,
+                          recsys.bert4rec_model_args, recsys.bert4rec_example_batch,
+                          recsys.build_bert4rec_data, recsys.bert4rec_output_fraction,
+                          recsys.RecsysConfig),
 }
 
 
