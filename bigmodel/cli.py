@@ -144,6 +144,13 @@ def _parser() -> argparse.ArgumentParser:
   lm.add_argument("--adapters", default="", help="a `bigmodel lora export` directory to merge "
                   "into --workdir")
   lm.add_argument("--out", required=True, help="the workdir to write")
+  q = sub.add_parser("quantize", help="int8 copy of a trained or imported workdir (qwix PTQ), "
+                     "read by evaluate, predict, eval, sample, chat and serve")
+  gin_args(q)
+  q.add_argument("--out", required=True, help="the quantized workdir to write")
+  q.add_argument("--mode", default="dynamic", choices=["weight_only", "dynamic"],
+                 help="weight_only: int8 weights, float activations; dynamic (default): int8 "
+                 "weights and per-token int8 activations")
   sub.add_parser("bench", help="benchmark grid: tokens/s, MFU, memory, the HF baseline beside "
                  "(its flags: `bigmodel bench --help`; main() hands them to bigmodel.bench)")
   return p
@@ -425,10 +432,17 @@ def cmd_lora(args, bindings):
   print(json.dumps(result, indent=1))
 
 
+def cmd_quantize(args, bindings):
+  from bigmodel import quant
+  exp = _load_config(args, bindings)
+  print(json.dumps(quant.quantize(args.workdir, args.out, exp, args.mode), indent=1))
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "chat": cmd_chat,
             "serve": cmd_serve, "compile": cmd_compile,
             "tokenizer": cmd_tokenizer, "convert": cmd_convert, "data": cmd_data, "finetune": cmd_train,
             "evaluate": cmd_evaluate, "predict": cmd_predict, "lora": cmd_lora}
+COMMANDS["quantize"] = cmd_quantize
 
 
 def _fake_devices_for_compile(argv: list[str], args) -> None:

@@ -296,6 +296,8 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
     section = _task_section(train.objective)
     exp = Experiment(model=ModelConfig(), data=DataConfig(), optim=OptimConfig(),
                      mesh=MeshConfig(), train=train, task=section() if section else None)
+    for extra in _extra_sections(train.objective):
+      extra()
   except (ValueError, TypeError, RuntimeError) as e:
     if isinstance(e, ConfigError):
       raise
@@ -326,6 +328,11 @@ def _task_section(objective: str):
     return objectives.get(objective).config
   except ValueError as e:
     raise ConfigError(f"TrainConfig.objective: {e}") from None
+
+
+def _extra_sections(objective: str) -> tuple:
+  from bigmodel import objectives
+  return objectives.get(objective).extra_configs
 
 
 def _macro_references() -> set[str]:

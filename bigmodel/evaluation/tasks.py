@@ -144,6 +144,7 @@ def _predict_recsys(workdir: str, exp, input_file: str) -> list[dict]:
 HANDLERS = {
     "classification": (evaluate_classification, predict_classification),
     "decoder_classification": (evaluate_classification, predict_classification),
+    "distill": (evaluate_classification, predict_classification),     # a distilled student
     "qa": (_evaluate_qa, _predict_qa),
     "token_classification": (_evaluate_ner, _predict_ner),
     "prompted_lm": (_evaluate_prompted, _predict_prompted),

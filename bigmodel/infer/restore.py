@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bigmodel import models, sharding
+from bigmodel import models, sharding, storage
 from bigmodel.config import ConfigError, Experiment
 from bigmodel.data import tokenizers
 from bigmodel.train import bad_steps, checkpoint, state as state_lib
@@ -27,8 +27,17 @@ def restore_decoder(workdir: str, exp: Experiment, command: str = "sample"):
                       f"needs a causal_lm or prompted_lm run")
   mesh = sharding.make_mesh(exp.mesh)
   model = models.build("decoder", exp.model, mesh)
+  if storage.exists(storage.join(workdir, "quant.json")):   # `bigmodel quantize` output (qwix)
+    from bigmodel import quant
+    model, params, latest = quant.restore(workdir, model, decoder_args(exp))
+    return model, params, tokenizers.load(workdir), latest
   tx, _ = bad_steps.make_optimizer(exp)   # the state `bigmodel train` saved
-  z = jnp.zeros((exp.train.batch_size // exp.train.microbatches, exp.data.seq_len), jnp.int32)
-  abstract, _ = state_lib.state_shardings(model, tx, (z, z, z + 1), mesh)   # inputs, positions, segments
+  abstract, _ = state_lib.state_shardings(model, tx, decoder_args(exp), mesh)
   state, _, latest = checkpoint.restore_workdir(workdir, abstract)
   return model, state.params, tokenizers.load(workdir), latest
+
+
+def decoder_args(exp: Experiment) -> tuple:
+  """A zero batch of the LM objectives' three model inputs: ids, positions, segments."""
+  z = jnp.zeros((exp.train.batch_size // exp.train.microbatches, exp.data.seq_len), jnp.int32)
+  return z, z, z + 1

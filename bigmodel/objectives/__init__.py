@@ -30,6 +30,7 @@ from typing import Callable
 
 from bigmodel.objectives import bert, classification, lm
 from bigmodel.objectives import maths
+from bigmodel.objectives import distill
 from bigmodel.objectives import prompted_lm
 from bigmodel.objectives import qa
 from bigmodel.objectives import recsys
@@ -49,6 +50,9 @@ class Objective:
   config: type | None = None        # the task's config section (MlmConfig, ...), or None
   head_args: Callable = lambda task: {}
   resolve: Callable = lambda exp: exp
+  # more sections the objective's own code reads (DistillConfig): `config.load` builds them too,
+  # so their bindings count as read and join the run's config.gin
+  extra_configs: tuple = ()
 
 
 def NO_VOCAB_OUTPUT(cfg) -> float:
@@ -108,6 +112,11 @@ OBJECTIVES = {
                           recsys.build_bert4rec_data, recsys.bert4rec_output_fraction,
                           recsys.RecsysConfig),
 }
+OBJECTIVES["distill"] = Objective("encoder_classifier", distill.distill_loss, distill.summarize,
+                                  classification.model_args, classification.example_batch,
+                                  distill.build_data, NO_VOCAB_OUTPUT,
+                                  classification.ClassificationConfig, classification.head_args,
+                                  classification.resolve, extra_configs=(distill.DistillConfig,))
 
 
 def get(name: str) -> Objective:

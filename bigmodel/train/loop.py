@@ -480,6 +480,10 @@ def restore_for_inference(workdir: str, exp: Experiment):
   """(components, params, tokenizer) of the latest checkpoint in a workdir."""
   mesh = sharding.make_mesh(exp.mesh)
   comp = Components.build(objectives.get(exp.train.objective).resolve(exp), mesh)
+  if storage.exists(storage.join(workdir, "quant.json")):   # `bigmodel quantize` output (qwix)
+    from bigmodel import quant
+    comp, params, latest = quant.restore_components(workdir, comp)
+    return comp, params, tokenizers.load(workdir), latest
   state, _, latest = checkpoint.restore_workdir(workdir, comp.abstract)
   return comp, state.params, tokenizers.load(workdir), latest
 
