@@ -67,11 +67,14 @@ class ModelConfig:
   lora_targets: Sequence[str] = ("qkv", "q", "kv", "out", "wi", "wi_gate", "wo")  # attention:
                                # qkv (multi-head) or q, kv (grouped); out. MLP: wi, wi_gate
                                # (SwiGLU only; else ignored), wo
+  attention: str = "xla"       # xla | dot_product | cudnn | splash (bigmodel/models/attention.py)
+  loss_chunk: int = 0          # causal LM: sequence positions per chunk of the loss (0: whole logits)
 
   def __post_init__(self):
     choices = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
                "mlp": ("gelu", "gelu_exact", "swiglu"), "remat": ("none", "full", "dots"),
-               "dtype": ("float32", "bfloat16"), "param_dtype": ("float32", "bfloat16")}
+               "dtype": ("float32", "bfloat16"), "param_dtype": ("float32", "bfloat16"),
+               "attention": ("xla", "dot_product", "cudnn", "splash")}
     for name, allowed in choices.items():
       if getattr(self, name) not in allowed:
         raise ConfigError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -83,6 +86,8 @@ class ModelConfig:
     if self.lora_rank and (bad or not self.lora_targets):
       raise ConfigError(f"ModelConfig.lora_targets={tuple(self.lora_targets)!r}: name one or more "
                         f"of {lora_names}")
+    if self.loss_chunk < 0:
+      raise ConfigError(f"ModelConfig.loss_chunk={self.loss_chunk}: expected >= 0 (0: off)")
     if self.d_model % self.num_heads and not self.head_dim:
       raise ConfigError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads="
                         f"{self.num_heads}; set ModelConfig.head_dim explicitly")

@@ -91,11 +91,29 @@ def find_max_batch(exp: Experiment, mesh, hbm: int, headroom: float, first: dict
 def predicted_max_batch(exp: Experiment, mesh, memory: dict, limit: float) -> int:
   """The largest batch by a straight line from one compile: arguments and outputs stay, the
   temporaries grow in proportion to the batch (an estimate, slightly high when some
-  temporaries are the size of the params); rounded down to data-parallel ways x microbatches."""
+  temporaries are the size of the params); rounded down to data-parallel ways x microbatches,
+  and never below the compiled batch when that fits (tiny models: the line's rounding said 0)."""
   unit = sharding.batch_size_per(mesh) * exp.train.microbatches
   fixed = memory["argument_size_in_bytes"] + memory["output_size_in_bytes"] - memory["alias_size_in_bytes"]
   per_unit = memory["temp_size_in_bytes"] / (exp.train.batch_size / unit)
-  return int((limit - fixed) // per_unit) * unit if per_unit > 0 and limit > fixed else 0
+  line = int((limit - fixed) // per_unit) * unit if per_unit > 0 and limit > fixed else 0
+  fits = fixed + memory["temp_size_in_bytes"] <= limit
+  return max(line, exp.train.batch_size) if fits else line
+
+
+def _round_batch(exp: Experiment, mesh) -> tuple[Experiment, int | None]:
+  """(exp with its global batch rounded up to a multiple of data-parallel ways x microbatches,
+  the recipe's batch when that changed it, else None): a recipe written for a few devices
+  still compiles for a slice, and the report says so."""
+  unit = sharding.batch_size_per(mesh) * exp.train.microbatches
+  batch = exp.train.batch_size
+  if batch % unit == 0:
+    return exp, None
+  rounded = -(-batch // unit) * unit
+  log.warning("global batch %d rounded up to %d, the next multiple of the mesh's %d data-parallel "
+              "ways x %d microbatches", batch, rounded, sharding.batch_size_per(mesh),
+              exp.train.microbatches)
+  return dataclasses.replace(exp, train=dataclasses.replace(exp.train, batch_size=rounded)), batch
 
 
 def report(exp: Experiment, topo_name: str, mesh_cfg: MeshConfig | None = None, *,
@@ -105,6 +123,7 @@ def report(exp: Experiment, topo_name: str, mesh_cfg: MeshConfig | None = None, 
   topo = topology.parse(topo_name)
   devices = topology.topology_devices(topo)
   mesh = topology.make_mesh(mesh_cfg or exp.mesh, devices)
+  exp, adjusted_from = _round_batch(exp, mesh)
   comp = Components.build(exp, mesh)
   hbm = topo.chip.hbm_bytes
   with tempfile.TemporaryDirectory() as dump:
@@ -129,6 +148,8 @@ def report(exp: Experiment, topo_name: str, mesh_cfg: MeshConfig | None = None, 
        "assumed_mfu": estimate.mfu, "est_step_s": step_s,
        "est_tokens_per_sec_per_chip": batch * seq / step_s / topo.chips,
        "compile_s": train["compile_s"], "eval_compile_s": evals["compile_s"]}
+  if adjusted_from is not None:
+    r["batch_adjusted_from"] = adjusted_from
   if "error" in train or "error" in evals:
     r["compiler_error"] = train.get("error") or evals.get("error")
   if buffers:
@@ -155,6 +176,9 @@ def format_report(r: dict) -> str:
   lines = [f"{r['topology']} ({r['libtpu_topology']}, {r['chips']} chips of {gib(r['hbm_bytes_per_chip'])} "
            f"HBM): mesh {r['mesh']}, {r['params']:,} params, batch {r['batch']} x seq {r['seq_len']}"
            f" (microbatches {r['microbatches']}, remat {r['remat']})"]
+  if "batch_adjusted_from" in r:
+    lines.append(f"global batch {r['batch']}: the recipe's {r['batch_adjusted_from']} rounded up to "
+                 f"a multiple of the mesh's data-parallel ways x microbatches")
   if m:
     lines.append(f"train step per chip: total {gib(r['bytes_per_device'])} = arguments "
                  f"{gib(m['argument_size_in_bytes'])} + outputs {gib(m['output_size_in_bytes'])} + "

@@ -185,3 +185,23 @@ def test_max_batch_search_brackets_the_limit(monkeypatch):
   assert pod.predicted_max_batch(exp, mesh, mem, limit) >= best          # the line from one compile
   found, n, exact = pod.find_max_batch(exp, mesh, 16 * gib, 0.05, first, max_compiles=1)
   assert n == 1 and found <= best and used_bytes(found) <= limit
+
+
+def test_report_rounds_the_batch_up_and_floors_the_estimate(monkeypatch):
+  """A recipe batch of 12 on 8 chips compiles at 16 and says so; the straight-line estimate
+  of a model with no temporaries to scale (the line said 0) is the batch that compiled and fit."""
+  gib = 2 ** 30
+  seen = []
+
+  def fake_fit(comp, which, hbm, headroom, dump_dir=None):
+    seen.append(comp.exp.train.batch_size)
+    mem = {"argument_size_in_bytes": gib, "output_size_in_bytes": 0, "alias_size_in_bytes": 0,
+           "temp_size_in_bytes": 0, "total_bytes_per_device": gib}
+    return {"compile_s": 1.0, "memory": mem, "bytes": gib, "fits": True}
+
+  monkeypatch.setattr(pod, "_fit", fake_fit)
+  exp = config.load(["experiments/gpt_shakespeare_char.gin"], TINY_MODEL + ["BATCH_SIZE = 12"])
+  r = pod.report(exp, "v5e-8", MeshConfig(data=1, fsdp=8, tensor=1), skip_eval=True)
+  assert seen == [16] and (r["batch"], r["batch_adjusted_from"]) == (16, 12)
+  assert r["predicted_max_batch"] == 16
+  assert "rounded up" in pod.format_report(r)

@@ -25,7 +25,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from bigmodel.config import ModelConfig
-from bigmodel.models.layers import (BSD, BSV, BlockStack, Embed, Norm, attention_mask, dtype_of,
+from bigmodel.models.attention import Segments
+from bigmodel.models.layers import (BSD, BSV, BlockStack, Embed, Norm, dtype_of,
                                     normal, param_with_axes)
 from bigmodel.sharding import constrain
 
@@ -60,7 +61,7 @@ class Decoder(nn.Module):
       x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
     x = constrain(x, BSD, self.mesh)
     # decoding: each Attention masks by cache slot instead
-    mask = None if cached else attention_mask(segment_ids, segment_ids, causal=True)
+    mask = None if cached else Segments(segment_ids, segment_ids, causal=True)
     x = BlockStack(cfg, self.mesh, deterministic, decode, name="blocks")(x, mask, positions)
     x = Norm(cfg, name="final_norm")(x)
     if return_hidden:

@@ -58,7 +58,8 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from bigmodel.config import ModelConfig
-from bigmodel.models.layers import (BSD, BlockStack, Embed, Norm, attention_mask, dtype_of,
+from bigmodel.models.attention import Segments
+from bigmodel.models.layers import (BSD, BlockStack, Embed, Norm, dtype_of,
                                     normal, param_with_axes)
 from bigmodel.sharding import constrain
 
@@ -125,7 +126,7 @@ class Encoder(nn.Module):
     x = constrain(x, BSD, self.mesh)
 
     # Bidirectional blocks; padding keys are masked out.
-    mask = attention_mask(input_mask, input_mask, causal=False)
+    mask = Segments(input_mask, input_mask, causal=False)
     x = BlockStack(cfg, self.mesh, deterministic, name="blocks")(x, mask, positions)
     if cfg.pre_norm:
       x = Norm(cfg, name="final_norm")(x)

@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from bigmodel.config import ModelConfig
 from bigmodel.models import lora
+from bigmodel.models.attention import Segments, attend, attention_mask  # noqa: F401
 from bigmodel.sharding import constrain, kv_heads_axis
 
 # Activation layouts (logical names; see sharding.RULES).
@@ -101,15 +102,6 @@ def rotary(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Arr
   return out.astype(x.dtype)
 
 
-def attention_mask(segment_q: jax.Array, segment_k: jax.Array, causal: bool) -> jax.Array:
-  """Boolean [b, 1, s, t]: attend only within a segment (0 = padding), causally if asked."""
-  mask = (segment_q[:, :, None] == segment_k[:, None, :]) & (segment_k[:, None, :] != 0)
-  if causal:
-    s, t = segment_q.shape[1], segment_k.shape[1]
-    mask = mask & jnp.tril(jnp.ones((s, t), dtype=bool), k=t - s)
-  return mask[:, None, :, :]
-
-
 def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
   """cache [b, t, h, k] with new [b, s, h, k] written at slots start[b] .. start[b] + s - 1.
 
@@ -118,31 +110,6 @@ def write_rows(cache: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
   slots = start[:, None] + jnp.arange(s, dtype=start.dtype)[None, :]          # b s
   return cache.at[jnp.arange(b)[:, None], slots].set(new.astype(cache.dtype), mode="drop",
                                                      unique_indices=True)
-
-
-def _grouped_attention(q, key, value, mask, dropout=None):
-  """Softmax attention of q [b, s, h, k] over key/value [b, t, g, k], g dividing h.
-
-  Query head j reads key/value head j // (h / g) (grouped-query attention; g = 1 is
-  multi-query, g = h multi-head). K/V are never repeated in memory: q is viewed as
-  [b, s, g, r, k] (r = h / g) and each group's r heads attend to their one K/V head. mask
-  [b, 1, s, t]; dropout: a function on the probabilities, or None. q is already scaled.
-  (This is the scores/softmax/values step alone: a fused kernel may replace it.)"""
-  dt = q.dtype
-  b, s, h, k = q.shape
-  g = key.shape[2]
-  if g == h:   # multi-head: the original einsums, so that its outputs stay bitwise the same
-    scores = jnp.einsum("bshk,bthk->bhst", q, key).astype(jnp.float32)
-    scores = jnp.where(mask, scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    probs = dropout(probs) if dropout is not None else probs
-    return jnp.einsum("bhst,bthk->bshk", probs, value)
-  qg = q.reshape(b, s, g, h // g, k)
-  scores = jnp.einsum("bsgrk,btgk->bgrst", qg, key).astype(jnp.float32)
-  scores = jnp.where(mask[:, :, None], scores, NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  probs = dropout(probs) if dropout is not None else probs
-  return jnp.einsum("bgrst,btgk->bsgrk", probs, value).reshape(b, s, h, k)
 
 
 class Attention(nn.Module):
@@ -173,11 +140,12 @@ class Attention(nn.Module):
       q, key = rotary(q, positions, cfg.rope_theta), rotary(key, positions, cfg.rope_theta)
     if self.decode:
       key, value, mask = self._cached(key, value, mask, positions, kv_axes)
-    q = q * (k ** -0.5)
     dropout = None
     if cfg.dropout > 0 and not self.deterministic:
       dropout = functools.partial(nn.Dropout(cfg.dropout), deterministic=False)
-    out = _grouped_attention(q, key, value, mask, dropout)
+    # the KV-cache path stays on xla (its mask is by cache slot)
+    impl = "xla" if self.decode else cfg.attention
+    out = attend(q, key, value, mask, implementation=impl, mesh=self.mesh, dropout=dropout)
     out = constrain(out, BSHK, self.mesh)
     residual_std = cfg.init_std / (2 * cfg.num_layers) ** 0.5
     w_out = self.param("out", param_with_axes(normal(residual_std), ("heads", "kv", "embed")),

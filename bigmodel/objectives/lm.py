@@ -61,11 +61,59 @@ def causal_lm_loss(model, params, batch, *, deterministic=True, rngs=None):
   """Sum-reduced loss pieces for one (micro)batch; the step normalizes by total weight.
 
   batch: inputs, targets, positions, segment_ids, weights, each int/float [b, s].
+  With `ModelConfig.loss_chunk` > 0, the logits exist one chunk at a time (`chunked_cross_entropy`).
   """
-  logits = model.apply({"params": params}, *model_args(batch), deterministic=deterministic,
-                       rngs=rngs)
-  loss_sum, weight_sum, correct = cross_entropy(logits, batch["targets"], batch["weights"])
+  chunk = getattr(model.cfg, "loss_chunk", 0)
+  out = model.apply({"params": params}, *model_args(batch), deterministic=deterministic,
+                    rngs=rngs, return_hidden=chunk > 0)
+  if chunk > 0:
+    sums = chunked_cross_entropy(lm_head(model, params), out, batch["targets"], batch["weights"],
+                                 chunk)
+  else:
+    sums = cross_entropy(out, batch["targets"], batch["weights"])
+  loss_sum, weight_sum, correct = sums
   return loss_sum, {"weight": weight_sum, "correct": correct}
+
+
+def lm_head(model, params):
+  """hidden [b, s, d] -> float32 logits [b, s, v]: the decoder's own LM head (tied embedding or
+  `lm_head`), the same einsum and dtypes, so the logits equal the model's."""
+  from bigmodel.models.layers import BSV, dtype_of
+  from bigmodel.sharding import constrain
+  cfg = model.cfg
+  dt = dtype_of(cfg.dtype)
+  if cfg.tie_embeddings:
+    w, spec = params["embed"]["embedding"], "bsd,vd->bsv"
+  else:
+    w, spec = params["lm_head"], "bsd,dv->bsv"
+  return lambda x: constrain(jnp.einsum(spec, x, w.astype(dt)).astype(jnp.float32), BSV, model.mesh)
+
+
+def chunked_cross_entropy(head, hidden, targets, weights, chunk: int):
+  """`cross_entropy(head(hidden), targets, weights)` with the float32 logits [b, chunk, v] of one
+  chunk of `chunk` sequence positions alive at a time (MaxText's vocabulary tiling).
+
+  A `lax.scan` over the chunks (the sequence padded to a multiple of `chunk` with weight 0)
+  whose body is rematerialized: the backward pass recomputes each chunk's logits instead of
+  keeping them, so neither pass holds [b, s, v]. Each row keeps its batch sharding."""
+  b, s, d = hidden.shape
+  n = -(-s // chunk)
+  pad = n * chunk - s
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets, weights = (jnp.pad(a, ((0, 0), (0, pad))) for a in (targets, weights))
+  split = lambda a: jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)   # n b c ...
+
+  @jax.checkpoint
+  def body(carry, xs):
+    h, t, w = xs
+    losses, hits = softmax_xent(head(h), t)
+    w = w.astype(jnp.float32)
+    return tuple(c + x for c, x in zip(carry, (jnp.sum(losses * w), jnp.sum(w),
+                                               jnp.sum(hits * w)))), None
+  zero = jnp.zeros((), jnp.float32)
+  sums, _ = jax.lax.scan(body, (zero, zero, zero), (split(hidden), split(targets), split(weights)))
+  return sums
 
 
 def summarize(sums: dict) -> dict:
