@@ -30,6 +30,7 @@ import io
 import json
 import logging
 import os
+import sys
 import posixpath
 import shutil
 import threading
@@ -62,6 +63,9 @@ def configure() -> None:
     return
   with _lock:
     os.environ.setdefault("EPATH_USE_TF", "0")
+    gpath = sys.modules.get("etils.epath.gpath")     # etils caches its first answer to "use
+    if gpath is not None and hasattr(gpath, "_is_tf_installed"):   # tf.io.gfile?": ask again
+      gpath._is_tf_installed.cache_clear()   # pylint: disable=protected-access
     if emulator:
       url = emulator if emulator.startswith(("http://", "https://")) else f"http://{emulator}"
       os.environ["TENSORSTORE_GCS_HTTP_URL"] = url

@@ -237,7 +237,10 @@ def test_sft_cli_from_pretrained_gpt(tmp_path, capsys):
   work = str(tmp_path / "sft")
   args = ["--gin_file", SFT_FAST, *shape, f"--gin.INIT_CHECKPOINT='{pre}'", "--gin.SPM_VOCAB=0",
           "--gin.SEQ_LEN=64", f"--gin.TRAIN_FILE='{train}'", "--gin.TRAIN_STEPS=200",
-          "--gin.PromptedConfig.prompted_max_new_tokens=0"]
+          "--gin.PromptedConfig.prompted_max_new_tokens=0",
+          # the run memorizes its 10 answers (loss ~0.02 by step 100): against that window's
+          # tiny spread, ordinary noise reads as a loss spike; only non-finite steps are bad here
+          "--gin.TrainConfig.spike_zscore=0"]
   out = _run(capsys, "finetune", *args, "--workdir", work)
   assert "initialized params from" in out
   assert json.load(open(os.path.join(work, "tokenizer.json")))["type"] == "byte"

@@ -61,7 +61,7 @@ def test_gradient_accumulation_equals_big_batch(text_corpus):
 
 def test_unknown_optimizer():
   import pytest
-  with pytest.raises(config.ConfigError, match="adamw, adafactor or lamb"):
+  with pytest.raises(config.ConfigError, match="adamw, adafactor, lamb or sgd"):
     optim.make(OptimConfig(name="sgdx"), 10)
   for name in ("adamw", "adafactor", "lamb"):
     tx, _ = optim.make(OptimConfig(name=name), 10)
