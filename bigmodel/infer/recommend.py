@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 
-from bigmodel.infer.serve import RequestError, _int
+from bigmodel.infer.serve import RequestError, _int, json_object
 
 EXAMPLE = '{"history": ["50", "181", "258"], "top_k": 10}'
 FIELDS = ("history", "histories", "top_k")
@@ -36,15 +36,7 @@ def _ids(v, name: str) -> list[str]:
 
 def parse_recommend(body: bytes, max_batch: int, max_k: int, default_k: int) -> dict:
   """A /recommend body -> {"histories": [[id, ..], ..], "top_k"}."""
-  try:
-    req = json.loads(body)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise RequestError(f"the body is not valid JSON ({e}); send an object like {EXAMPLE}") from None
-  if not isinstance(req, dict):
-    raise RequestError(f"the body must be a JSON object like {EXAMPLE}")
-  unknown = sorted(set(req) - set(FIELDS))
-  if unknown:
-    raise RequestError(f"unknown field(s) {unknown}; known: {list(FIELDS)}")
+  req = json_object(body, EXAMPLE, FIELDS)
   if ("history" in req) == ("histories" in req):
     raise RequestError(f'give exactly one of "history" (a list of item ids, oldest first) or '
                        f'"histories" (a list of such lists), e.g. {EXAMPLE}')

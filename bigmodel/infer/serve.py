@@ -45,17 +45,24 @@ def _number(req: dict, name: str, default: float) -> float:
   return float(v)
 
 
-def parse_generate(body: bytes, max_batch: int, limit: int) -> dict:
-  """A /generate body -> {"prompts", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}."""
+def json_object(body: bytes, example: str, fields) -> dict:
+  """A request body as a JSON object with only the known `fields`, or a RequestError that
+  shows `example`."""
   try:
     req = json.loads(body)
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise RequestError(f"the body is not valid JSON ({e}); send an object like {EXAMPLE}") from None
+    raise RequestError(f"the body is not valid JSON ({e}); send an object like {example}") from None
   if not isinstance(req, dict):
-    raise RequestError(f"the body must be a JSON object like {EXAMPLE}")
-  unknown = sorted(set(req) - set(FIELDS))
+    raise RequestError(f"the body must be a JSON object like {example}")
+  unknown = sorted(set(req) - set(fields))
   if unknown:
-    raise RequestError(f"unknown field(s) {unknown}; known: {list(FIELDS)}")
+    raise RequestError(f"unknown field(s) {unknown}; known: {list(fields)}")
+  return req
+
+
+def parse_generate(body: bytes, max_batch: int, limit: int) -> dict:
+  """A /generate body -> {"prompts", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}."""
+  req = json_object(body, EXAMPLE, FIELDS)
   if ("prompt" in req) == ("prompts" in req):
     raise RequestError(f'give exactly one of "prompt" (a string) or "prompts" (a list of '
                        f'strings), e.g. {EXAMPLE}')

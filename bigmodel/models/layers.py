@@ -22,7 +22,6 @@ this causal rule never reaches. No parameter changes.
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +39,6 @@ BSF = ("act_batch", "act_len", "act_mlp")
 BSHK = ("act_batch", "act_len", "act_heads", "act_kv")
 BSV = ("act_batch", "act_len", "act_vocab")
 
-NEG_INF = -1e9
 
 
 def on_cpu(mesh: Mesh | None) -> bool:
