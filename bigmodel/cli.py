@@ -33,38 +33,52 @@ import sys
 EXIT_USAGE = 2
 
 
+def _gin_args(sp, workdir_required=True):
+  sp.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
+  sp.add_argument("--workdir", required=workdir_required, help="run directory")
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="bigmodel", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest="command", required=True)
+  for add in (_add_run_commands, _add_decode_commands, _add_serve_command, _add_compile_command,
+              _add_data_commands, _add_model_commands):
+    add(sub)
+  sub.add_parser("bench", help="benchmark grid: tokens/s, MFU, memory, the HF baseline beside "
+                 "(its flags: `bigmodel bench --help`; main() hands them to bigmodel.bench)")
+  return p
 
-  def gin_args(sp, workdir_required=True):
-    sp.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    sp.add_argument("--workdir", required=workdir_required, help="run directory")
 
+def _add_run_commands(sub):
+  """train, finetune, evaluate, predict, eval."""
   t = sub.add_parser("train", help="train or resume a model")
-  gin_args(t)
+  _gin_args(t)
   ft = sub.add_parser("finetune", help="fine-tune on a task (train with a recipe from "
                       "experiments/finetune/; TrainConfig.init_checkpoint names the start)")
-  gin_args(ft)
+  _gin_args(ft)
   for sp in (t, ft):
     sp.add_argument("--allow_changed", default="", metavar="FIELD[,FIELD]",
                     help="on resume, accept these changed run fields (batch_size, seq_len, seed, "
                     "data_seed, data, vocab_size); the log says what happens to the data position")
   ev = sub.add_parser("evaluate", help="a fine-tuned run's task metrics -> JSON (accuracy and macro-F1, "
                       "entity F1, SQuAD EM/F1, perplexity, BLEU)")
-  gin_args(ev)
+  _gin_args(ev)
   ev.add_argument("--eval_file", default="", help="default: the run's DataConfig.val_files[0]")
   ev.add_argument("--out", default="", help="metrics JSON (default: WORKDIR/eval_metrics.json)")
   pr = sub.add_parser("predict", help="predictions of a fine-tuned run for an input file -> JSONL")
-  gin_args(pr)
+  _gin_args(pr)
   pr.add_argument("--input", required=True, help="the task's input file: TSV/CSV/JSONL text "
                   "column(s), CoNLL or plain text, SQuAD JSON, prompts, or source sentences")
   pr.add_argument("--out", required=True, help="predictions, one JSON object a line")
   e = sub.add_parser("eval", help="validation loss and perplexity of a run's latest checkpoint")
-  gin_args(e)
+  _gin_args(e)
+
+
+def _add_decode_commands(sub):
+  """sample, chat."""
   s = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
-  gin_args(s)
+  _gin_args(s)
   s.add_argument("--prompt", default="")
   s.add_argument("--num_tokens", type=int, default=200)
   s.add_argument("--temperature", type=float, default=0.8)
@@ -73,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
   s.add_argument("--seed", type=int, default=0)
   ch = sub.add_parser("chat", help="talk to a run's decoder: one user turn a line of stdin "
                       "(/reset, /quit); the history stays in the prompt")
-  gin_args(ch)
+  _gin_args(ch)
   ch.add_argument("--system", default="", help="text put before the conversation")
   ch.add_argument("--template", default="", help="a user turn, with {prompt} (default: the run's "
                   "PromptedConfig.prompt_template for a prompted-LM run, else 'User: {prompt}\nAssistant:')")
@@ -82,9 +96,13 @@ def _parser() -> argparse.ArgumentParser:
   ch.add_argument("--top_k", type=int, default=0)
   ch.add_argument("--top_p", type=float, default=0.95)
   ch.add_argument("--seed", type=int, default=0)
+
+
+def _add_serve_command(sub):
+  """serve."""
   sv = sub.add_parser("serve", help="serve a run's decoder: an OpenAI-compatible HTTP API "
                       "(/v1/completions, /v1/chat/completions, streaming) with continuous batching")
-  gin_args(sv)
+  _gin_args(sv)
   sv.add_argument("--port", type=int, default=8000)
   sv.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
   sv.add_argument("--slots", type=int, default=8, help="requests decoded together")
@@ -99,12 +117,20 @@ def _parser() -> argparse.ArgumentParser:
   sv.add_argument("--api_key", default="", help="require 'Authorization: Bearer KEY' on every "
                   "route (default: $BIGMODEL_API_KEY; none: open)")
   sv.add_argument("--max_batch", type=int, default=8, help="the most prompts in one /generate")
+
+
+def _add_compile_command(sub):
+  """compile (fake CPU devices or a TPU slice)."""
   c = sub.add_parser("compile", help="ahead-of-time compile the train step for a mesh (fake CPU "
                      "devices), or the train and eval steps for a Cloud TPU slice (--topology)")
-  gin_args(c, workdir_required=False)
+  _gin_args(c, workdir_required=False)
   c.add_argument("--mesh", default="", help="e.g. data=2,fsdp=2,tensor=2 (default: the config's)")
   c.add_argument("--devices", type=int, default=0, help="fake CPU devices (default: mesh size or 8)")
   _compile_topology_args(c)
+
+
+def _add_data_commands(sub):
+  """tokenizer, data."""
   tok = sub.add_parser("tokenizer", help="tokenizer tools")
   tsub = tok.add_subparsers(dest="tok_command", required=True)
   tt = tsub.add_parser("train", help="train a SentencePiece model")
@@ -123,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
   dp.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU)")
   dp.add_argument("--chunk_mb", type=float, default=64.0, help="large files are cut into "
                   "pieces of about this size, at document boundaries, one per task")
+
+
+def _add_model_commands(sub):
+  """convert, lora, quantize."""
   cv = sub.add_parser("convert", help="import/export Hugging Face checkpoints (BERT, GPT-2)")
   cvsub = cv.add_subparsers(dest="convert_command", required=True)
   cf = cvsub.add_parser("from-hf", help="HF directory -> bigmodel workdir (checkpoint, config.gin, tokenizer)")
@@ -146,14 +176,11 @@ def _parser() -> argparse.ArgumentParser:
   lm.add_argument("--out", required=True, help="the workdir to write")
   q = sub.add_parser("quantize", help="int8 copy of a trained or imported workdir (qwix PTQ), "
                      "read by evaluate, predict, eval, sample, chat and serve")
-  gin_args(q)
+  _gin_args(q)
   q.add_argument("--out", required=True, help="the quantized workdir to write")
   q.add_argument("--mode", default="dynamic", choices=["weight_only", "dynamic"],
                  help="weight_only: int8 weights, float activations; dynamic (default): int8 "
                  "weights and per-token int8 activations")
-  sub.add_parser("bench", help="benchmark grid: tokens/s, MFU, memory, the HF baseline beside "
-                 "(its flags: `bigmodel bench --help`; main() hands them to bigmodel.bench)")
-  return p
 
 
 def _compile_topology_args(c):

@@ -69,7 +69,7 @@ def test_corrupt_latest_checkpoint_falls_back(reference, capsys, caplog):
   with caplog.at_level(logging.WARNING, logger="bigmodel.train.checkpoint"):
     out = run_main(capsys, "train", f"--workdir={work}", *gin_args(bindings), GO_ON)
   assert "step 4 is unusable" in caplog.text and "corrupt" in caplog.text
-  assert f"checkpoints step 2" in out and f"final: step {STEPS}" in out
+  assert "checkpoints step 2" in out and f"final: step {STEPS}" in out
   assert [p.name.split("-")[0] for p in (work / "checkpoints.bad").iterdir()] == ["4"]
   assert train_losses(work) == ref              # same mesh: bitwise
   assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4", "6"]
