@@ -275,7 +275,7 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
   file_dirs = [os.path.dirname(os.path.abspath(f)) for f in gin_files]
   for path in list(search_paths) + file_dirs + ["experiments", "."]:
     if os.path.isdir(path):
-      gin.add_config_file_search_path(path)
+      gin.add_config_file_search_path(os.path.abspath(path))
   for name, default in MACRO_DEFAULTS.items():
     gin.bind_parameter(f"{name}/macro.value", default())
   for path in gin_files:

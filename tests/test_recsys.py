@@ -194,26 +194,27 @@ def test_recommend_route_names_unknown_items_and_still_answers():
 # ----------------------------------------------------------------------------- end to end
 
 
-STEPS = {"sasrec": 60, "bert4rec": 200}    # the Cloze task sees ~a third of the targets a step
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("objective", ["sasrec", "bert4rec"])
-def test_train_evaluate_predict_in_process(objective, tmp_path):
-  from bigmodel.evaluation import tasks
-  from bigmodel.train import loop
+def _tiny_exp(tmp_path, objective, steps, extra=()):
   path = _synthetic(tmp_path / "walks.tsv", users=32, items=40, length=10)
   titles = tmp_path / "titles.csv"
   titles.write_text("item_id,title\nm1,One\nm2,Two\n")
   recipe = os.path.join(RECIPES, f"movielens100k_{objective}.gin")
-  exp = config.load([recipe], [
+  return config.load([recipe], [
       f"TRAIN_FILE='{path}'", "COLUMN_NAMES=[]", "FILE_FORMAT=''", "USER_COLUMN='user'",
       "ITEM_COLUMN='item'", "TIME_COLUMN='ts'", "RATING_COLUMN=''", f"TITLES_FILE='{titles}'",
-      "MIN_USER_COUNT=1", "MIN_ITEM_COUNT=1", "NUM_ITEMS=48", f"TRAIN_STEPS={STEPS[objective]}",
-      "BATCH_SIZE=16", "RecsysConfig.mask_probability=0.3",
-      "SEQ_LEN=8", "EVAL_EVERY=0", "ModelConfig.d_model=32", "ModelConfig.num_layers=1",
-      "ModelConfig.dropout=0.0", "OptimConfig.learning_rate=1e-2", "OptimConfig.warmup_steps=5",
-      "TrainConfig.log_every=1000", "MeshConfig.tensor=2"])     # the catalogue splits in 2
+      "MIN_USER_COUNT=1", "MIN_ITEM_COUNT=1", "NUM_ITEMS=48", f"TRAIN_STEPS={steps}",
+      "BATCH_SIZE=16", "SEQ_LEN=8", "EVAL_EVERY=0", "ModelConfig.d_model=32",
+      "ModelConfig.num_layers=1", "ModelConfig.dropout=0.0", "OptimConfig.learning_rate=1e-2",
+      "OptimConfig.warmup_steps=5", "TrainConfig.log_every=1000", *extra])
+
+
+@pytest.mark.slow
+def test_sasrec_train_evaluate_predict_in_process(tmp_path):
+  """SASRec end to end (the evaluate / predict code is shared with BERT4Rec, whose own paths,
+  the cloze rows and the mask-appended scorer, are checked below)."""
+  from bigmodel.evaluation import tasks
+  from bigmodel.train import loop
+  exp = _tiny_exp(tmp_path, "sasrec", 60, ["MeshConfig.tensor=2"])   # the catalogue splits in 2
   R.operative(exp)          # as the CLI does: RecsysConfig joins config.gin
   work = str(tmp_path / "run")
   loop.train(exp, work, config.operative_config())
@@ -232,3 +233,105 @@ def test_train_evaluate_predict_in_process(objective, tmp_path):
   assert rows[0]["items"][0]["title"] == "One" and len(rows[0]["items"]) == 10
   assert rows[1]["user"] == "u3" and len(rows[1]["items"]) == 10
   assert "error" in rows[2] and rows[2]["unknown_items"] == ["nope"]
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"history": "m1"}\n')
+  with pytest.raises(DataError, match=r"request 1: \"history\" must be a list"):
+    tasks.predict(work, exp, str(bad))
+
+
+def test_cloze_rows_mask_the_newest_item_at_last_mask_probability(tmp_path):
+  path = _synthetic(tmp_path / "s.tsv", users=6, items=8, length=12)
+  cfg = DataConfig(files=[path], seq_len=6, seed=1)
+  data = R.RecsysData.build(cfg, cloze=True, rc=_rc(mask_probability=0.5,
+                                                   last_mask_probability=0.5))
+  rows = data.train_rows(np.arange(400))
+  n = (rows["weights"] > 0).sum(axis=1)
+  last = (n == 1) & (rows["positions"][:, 0] == 5) & (rows["inputs"][:, 5] == R.MASK)
+  # half the rows mask only the newest item; the others (2+ real items) mask half of theirs
+  assert 0.4 < last.mean() < 0.6 and np.all(n[~last] >= 2)
+  assert np.all(rows["inputs"][last][:, :5] != R.MASK)
+  assert np.all(data.train_rows(np.arange(400))["inputs"] == rows["inputs"])
+  with pytest.raises(DataError, match="last_mask_probability"):
+    _rc(last_mask_probability=1.5)
+
+
+@pytest.mark.slow
+def test_bert4rec_learns_the_next_item_at_the_appended_mask(tmp_path):
+  """BERT4Rec's own paths (the train / evaluate / predict loop is SASRec's test): Cloze rows ->
+  the `bert4rec` loss, a few Adam steps on one device -> the mask-appended scorer ranks a walk's
+  next item first, and the objective's evaluation batches give the same metrics."""
+  import jax
+  import optax
+  from bigmodel import models
+  exp = _tiny_exp(tmp_path, "bert4rec", 1, ["RecsysConfig.mask_probability=0.3",
+                                            "RecsysConfig.last_mask_probability=0.3"])
+  data = O.build_bert4rec_data(exp.data)
+  model = models.build("item_encoder", exp.model)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), *O.bert4rec_model_args(
+      data.train_rows(np.arange(16))))["params"]
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def step(params, opt, batch):
+    def loss(p):
+      total, m = O.bert4rec_loss(model, p, batch)
+      return total / m["weight"]
+    g = jax.grad(loss)(params)
+    updates, opt = tx.update(g, opt, params)
+    return optax.apply_updates(params, updates), opt
+
+  opt = tx.init(params)
+  for k in range(150):
+    params, opt = step(params, opt, data.train_rows(np.arange(16 * k, 16 * k + 16)))
+  v = data.tokenizer.vocab_size
+  scores = jax.jit(lambda p, x: O.bert4rec_scores(model, p, x))
+  assert np.all(data.val.inputs[:, -1] == R.MASK)
+  out = E.ranking_metrics(lambda users: scores(params, data.val.inputs[users]), data.val, v, 10)
+  pop = E.ranking_metrics(E.baseline_scores("popular", data.data.split("validation")[0], v),
+                          data.val, v, 10)
+  assert out["ndcg_10"] > 2 * pop["ndcg_10"] and out["hr_10"] > 0.75, (out, pop)
+  _, sums = jax.jit(lambda p, b: O.bert4rec_loss(model, p, b))(
+      params, data.eval_rows(np.arange(len(data.val))))
+  same = O.summarize({k: float(x) for k, x in sums.items()})
+  assert same["ndcg_10"] == pytest.approx(out["ndcg_10"], rel=1e-5)
+  walk = data.tokenizer.encode(["m37", "m38", "m39", "m0"])
+  best = np.argmax(np.asarray(scores(params, R.eval_table([""], [walk], [0], 8, True).inputs))[0])
+  assert data.tokenizer.item(int(best)) == "m1"
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+def test_tfds_movielens_source_with_mock_data():
+  """The recipes' TFDS branch (TRAIN_FILE='' -> movielens/100k-ratings) through the reader, the
+  filters and the split, on mocked TFDS examples in the dataset's own feature names."""
+  import tensorflow as tf
+  import tensorflow_datasets as tfds
+  # user u walks items u, u+1, ..; user_rating 1 drops an interaction at MIN_RATING=2
+  events = [(f"{u}", f"{u + t}", 1000 + 10 * t - u, 1.0 if t == 2 else 4.0)
+            for u in range(1, 5) for t in range(6)]
+
+  def as_dataset(self, split, decoders=None, read_config=None, **kwargs):
+    del decoders, read_config, kwargs
+    assert str(split) == "train"
+    return tf.data.Dataset.from_generator(
+        lambda: ({"user_id": u, "movie_id": m, "timestamp": np.int64(t),
+                  "user_rating": np.float32(r)} for u, m, t, r in events),
+        output_signature={"user_id": tf.TensorSpec((), tf.string),
+                          "movie_id": tf.TensorSpec((), tf.string),
+                          "timestamp": tf.TensorSpec((), tf.int64),
+                          "user_rating": tf.TensorSpec((), tf.float32)})
+
+  exp = config.load([os.path.join(RECIPES, "movielens100k_sasrec.gin")], [
+      "TRAIN_FILE=''", "ITEM_COLUMN='movie_id'", "RATING_COLUMN='user_rating'", "MIN_RATING=2",
+      "MIN_USER_COUNT=1", "MIN_ITEM_COUNT=1", "SEQ_LEN=4", "TITLES_FILE=''"])
+  with tfds.testing.mock_data(as_dataset_fn=as_dataset):
+    data = O.build_sasrec_data(exp.data)
+  assert data.data.source == "tfds:movielens/100k-ratings:train"
+  assert data.data.users == ["1", "2", "3", "4"]
+  for u, seq in zip(data.data.users, data.data.seqs):
+    want = [str(int(u) + t) for t in (0, 1, 3, 4, 5)]          # time order, t=2 rated 1
+    assert data.tokenizer.decode(seq) == want
+  hist, target = data.data.split("test")
+  assert data.tokenizer.decode(target) == ["6", "7", "8", "9"]
+  assert data.tokenizer.decode(data.val.target) == ["5", "6", "7", "8"]

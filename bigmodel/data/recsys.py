@@ -21,7 +21,8 @@ Rows are right-aligned (padding first), so the newest item always sits at positi
                     sequence (windows from the newest backwards, stride seq_len): inputs are
                     items 0..s-1, targets 1..s, every real target weighs 1
   cloze (bert4rec)  a training row is a window of seq_len items; mask_probability of its items
-                    (at least one) become the mask id, drawn afresh for every example key
+                    (at least one) become the mask id, drawn afresh for every example key;
+                    last_mask_probability of the rows instead mask only their newest item
   evaluation        the newest seq_len items of the history (cloze: seq_len - 1 and a mask
                     appended), the target, and the whole history (`exclude`) so that ranking
                     leaves seen items out
@@ -69,6 +70,8 @@ class RecsysConfig:
   min_user_count: int = 5
   min_item_count: int = 5
   mask_probability: float = 0.2    # cloze: the share of a row's items masked in training
+  last_mask_probability: float = 0.0  # cloze: the share of training rows with only their newest
+                                      # item masked (the inference task: BERT4Rec's extra rows)
   cutoff: int = 10                 # HR@cutoff and NDCG@cutoff
   top_k: int = 10                  # predict / serve: items returned per user
   titles_file: str = ""            # item titles: MovieLens u.item, or TSV/CSV/JSONL
@@ -80,6 +83,9 @@ class RecsysConfig:
     if not 0 < self.mask_probability < 1:
       raise DataError(f"RecsysConfig.mask_probability={self.mask_probability}: expected a "
                       f"fraction in (0, 1)")
+    if not 0 <= self.last_mask_probability <= 1:
+      raise DataError(f"RecsysConfig.last_mask_probability={self.last_mask_probability}: "
+                      f"expected a fraction in [0, 1]")
     if self.min_user_count < 1 or self.min_item_count < 1:
       raise DataError("RecsysConfig.min_user_count and min_item_count must be >= 1")
     if self.cutoff < 1 or self.top_k < 1:
@@ -288,13 +294,19 @@ def eval_table(users, histories: Sequence[np.ndarray], targets, seq_len: int, cl
                    exclude.astype(np.int32))
 
 
-def cloze_mask(window: np.ndarray, key: int, seed: int, prob: float, slots: int):
+def cloze_mask(window: np.ndarray, key: int, seed: int, prob: float, slots: int,
+               last_prob: float = 0.0):
   """(masked row, positions [slots], targets [slots], weights [slots]) of one training row:
-  round(prob * real items), at least 1, masked at positions drawn from (seed, key)."""
+  round(prob * real items), at least 1, masked at positions drawn from (seed, key); or, with
+  probability last_prob (drawn from the same key), only the newest item (position s-1)."""
   real = np.flatnonzero(window != PAD)
   rng = np.random.default_rng([seed, SHUFFLE_SALT, int(key)])
-  n = min(slots, len(real), max(1, int(round(prob * len(real)))))
-  chosen = np.sort(rng.choice(real, size=n, replace=False))
+  if last_prob and rng.random() < last_prob:
+    chosen = real[-1:]
+    n = 1
+  else:
+    n = min(slots, len(real), max(1, int(round(prob * len(real)))))
+    chosen = np.sort(rng.choice(real, size=n, replace=False))
   row = window.copy()
   row[chosen] = MASK
   pos = np.zeros(slots, np.int32)
@@ -405,8 +417,8 @@ class RecsysData:
       return {"inputs": w[:, :-1], "targets": w[:, 1:],
               "weights": (w[:, 1:] != PAD).astype(np.float32)}
     slots = cloze_slots(self.cfg.seq_len, self.rc.mask_probability)
-    parts = [cloze_mask(row, k, self.cfg.seed, self.rc.mask_probability, slots)
-             for row, k in zip(w, keys)]
+    parts = [cloze_mask(row, k, self.cfg.seed, self.rc.mask_probability, slots,
+                        self.rc.last_mask_probability) for row, k in zip(w, keys)]
     return {"inputs": np.stack([p[0] for p in parts]), "positions": np.stack([p[1] for p in parts]),
             "targets": np.stack([p[2] for p in parts]), "weights": np.stack([p[3] for p in parts])}
 

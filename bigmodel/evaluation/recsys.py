@@ -26,7 +26,6 @@ out; a line with no known item gets an "error" and the others are still answered
 
 from __future__ import annotations
 
-import json
 import logging
 
 import jax
@@ -228,20 +227,14 @@ def evaluate_recsys(workdir: str, exp, eval_file: str = "") -> dict:
 
 
 def read_requests(path: str) -> list[dict]:
-  rows = []
-  for n, line in enumerate(storage.read_text(path).splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}, line {n}: malformed JSON ({e.msg})") from None
-    if not isinstance(obj, dict) or not ("history" in obj or "user" in obj):
-      raise DataError(f"{path}, line {n}: expected an object with \"history\" (item ids, oldest "
-                      f"first) or \"user\", e.g. {{\"history\": [\"50\", \"181\"]}}")
+  """The predict requests of a JSONL file (readers.read_table), each checked."""
+  rows = readers.read_table(path, fmt="jsonl")
+  for n, obj in enumerate(rows, 1):
+    if not ("history" in obj or "user" in obj):
+      raise DataError(f"{path}, request {n}: expected an object with \"history\" (item ids, "
+                      f"oldest first) or \"user\", e.g. {{\"history\": [\"50\", \"181\"]}}")
     if "history" in obj and not isinstance(obj["history"], list):
-      raise DataError(f"{path}, line {n}: \"history\" must be a list of item ids")
-    rows.append(obj)
+      raise DataError(f"{path}, request {n}: \"history\" must be a list of item ids")
   return rows
 
 
