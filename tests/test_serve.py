@@ -105,8 +105,31 @@ def test_batching_equals_one_at_a_time_without_compiles(run):
     assert [r.tokens for r in alone[:4]] == [c.tokens for c in ref]
     assert engine_lib.compile_counts() == compiles       # nothing compiled while serving
     assert eng.load() == {"slots": 4, "active": 0, "waiting": 0}
+    # alone, a request decodes 4 steps a call (decode_steps), trimmed to its max_tokens
+    assert eng.stats["decode_calls"] < eng.stats["decode_steps"]
   finally:
     eng.stop()
+
+
+def test_sampling_filters_without_a_full_sort():
+  """Per-row top-k / top-p (engine._filter_rows): pure top-k rows through lax.top_k, others
+  through decode.filter_logits' sort, rows asking for neither unchanged: the same kept set as
+  filter_logits row by row, whichever path the batch takes."""
+  logits = jax.random.normal(jax.random.key(0), (4, 300)) * 3
+  logits = logits.at[0, :5].set(9.0)                            # ties at the k-th value
+  settings = [((3, 1.0), (0, 1.0), (40, 1.0), (7, 1.0)),        # top-k only: lax.top_k
+              ((3, 1.0), (0, 0.8), (300, 1.0), (0, 1.0)),       # a top-p row: the full sort
+              ((0, 1.0),) * 4]                                  # nothing to filter
+  rows_filter = jax.jit(engine_lib._filter_rows)           # one compile each
+  one_row = jax.jit(lambda x, k, p: decode.filter_logits(x[None], k, p)[0])
+  for rows in settings:
+    k, p = (np.array(x) for x in zip(*rows))
+    got = rows_filter(logits, k.astype(np.int32), p.astype(np.float32))
+    want = [one_row(logits[i], np.int32(k[i]), np.float32(p[i])) if k[i] > 0 or p[i] < 1
+            else logits[i] for i in range(4)]
+    np.testing.assert_array_equal(got, np.stack(want))
+  three = rows_filter(logits, np.array([3, 0, 0, 0], np.int32), np.ones(4, np.float32))
+  assert int(np.isfinite(three[0]).sum()) == 5
 
 
 def test_prefill_goes_first_in_batched_calls(run):

@@ -1,6 +1,7 @@
 """Decode speed: the KV cache, the serving engine and Hugging Face `generate`, in the same run.
 
     python -m bigmodel.infer.bench_decode [--batches 1,8] [--prompt_len 64] [--new_tokens 128]
+                                          [--decode_steps 1,4]
                                           [--layers 12 --d_model 768 --heads 12 --vocab 50304]
                                           [--no_loop] [--no_windowed] [--no_hf] [--threads N]
 
@@ -13,12 +14,13 @@ compiles every shape:
   loop      the former `bigmodel sample` (batch 1 only): one jitted forward of a fixed window
             per token, from Python; the window here is prompt + new tokens (the old command
             used DataConfig.seq_len, which for GPT-2 is 1024: slower still)
-  engine    bigmodel.infer.engine (what `bigmodel serve` runs): `batch` slots, the prompts
-            submitted at once, prefilled in chunks (several slots a call), then one jitted step a
-            token with the tokens brought back to Python each step (streaming, joins, stops):
-            its "x cache" is that per-step overhead against the one-request decoder's on-device
-            loop; a line under the table gives its host work a model call (the engine thread's
-            time not spent waiting for the device)
+  engine/k  bigmodel.infer.engine (what `bigmodel serve` runs) with k decode steps a jitted
+            call (--decode_steps; 1: one step a call): `batch` slots, the prompts submitted at
+            once, prefilled in chunks (several slots a call), then decode calls whose tokens
+            come back to Python after each call (streaming, joins, stops): its "x cache" is that
+            per-step overhead against the one-request decoder's on-device loop; a line under
+            the table gives its host work a model call (the engine thread's time not spent
+            waiting for the device)
   hf        Hugging Face transformers `GPT2LMHeadModel.generate` on PyTorch CPU (float32, KV
             cache on, greedy, the same shape, random init, the same prompts)
 tokens/s counts new tokens (batch x new_tokens / seconds); ms/token is seconds / new_tokens
@@ -63,7 +65,7 @@ def _timed(fn):
   return out, time.perf_counter() - t
 
 
-def main(argv=None) -> list[dict]:
+def _args(argv):
   ap = argparse.ArgumentParser(prog="python -m bigmodel.infer.bench_decode",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--batches", default="1,8")
@@ -73,18 +75,23 @@ def main(argv=None) -> list[dict]:
   ap.add_argument("--d_model", type=int, default=768)
   ap.add_argument("--heads", type=int, default=12)
   ap.add_argument("--vocab", type=int, default=50304)
+  ap.add_argument("--decode_steps", default="4",
+                  help="the engine's decode steps a call; a list (1,4) runs one engine row each")
   ap.add_argument("--no_loop", action="store_true", help="skip the slow old per-token loop")
   ap.add_argument("--no_windowed", action="store_true", help="skip the former windowed decoder")
   ap.add_argument("--no_hf", action="store_true", help="skip Hugging Face generate")
   ap.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
-  args = ap.parse_args(argv)
+  return ap.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+  args = _args(argv)
   cfg = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, num_layers=args.layers,
                     num_heads=args.heads, max_len=1024)
   model = Decoder(cfg)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   n_params = sum(x.size for x in jax.tree.leaves(params))
   p, n = args.prompt_len, args.new_tokens
-  window = p + n
   print(f"decoder {args.layers}L/{args.d_model}d/{args.heads}h, vocab {args.vocab}, "
         f"{n_params / 1e6:.1f}M params, float32; prompt {p}, {n} new tokens, greedy; "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s)", flush=True)
@@ -98,43 +105,80 @@ def main(argv=None) -> list[dict]:
     ref = [c.tokens for c in cached]
     rows.append(dict(batch=b, method="cache", secs=secs, same=1.0, warm=compile_s))
     print(f"  batch {b}: cache {secs:.2f}s (first call, with compile: {compile_s:.1f}s)", flush=True)
-    eng = engine_lib.Engine(model, params, None, slots=b, max_len=p + n, prefix_cache_mb=0)
-    _, compile_s = _timed(eng.warmup)
-    eng.start()
-    _engine_run(eng, prompts, n)
-    before = dict(eng.stats)
-    out, secs = _timed(lambda: _engine_run(eng, prompts, n))
-    eng.stop()
-    d = {k: eng.stats[k] - before.get(k, 0) for k in ("device_wait_s", "decode_steps", "prefill_calls")}
-    host = (secs - d["device_wait_s"]) / (d["decode_steps"] + d["prefill_calls"])
-    share = 1 - d["device_wait_s"] / secs
-    rows.append(dict(batch=b, method="engine", secs=secs, warm=compile_s, host=host, share=share,
-                     same=np.mean([o == r for o, r in zip(out, ref)])))
-    print(f"  batch {b}: engine {secs:.2f}s ({d['decode_steps']} decode steps, "
-          f"{d['prefill_calls']} prefill calls; host work {host * 1e3:.1f} ms a call, "
-          f"{share:.0%} of its time)", flush=True)
+    for k in [int(x) for x in args.decode_steps.split(",")]:
+      rows.append(_bench_engine(model, params, prompts, n, ref, k))
     if not args.no_hf:
       hf, compile_s = _timed(lambda: _HF(args))
       out, secs = _timed(lambda: hf(prompts, n))
       rows.append(dict(batch=b, method="hf", secs=secs, warm=compile_s, same=None))
       print(f"  batch {b}: hf generate {secs:.2f}s ({hf.framework})", flush=True)
-    if args.no_windowed:
-      continue
-    run = lambda warm=False: greedy.greedy_decode_windowed(model, params, prompts, window, None, n,
-                                                           batch_size=b, warm_only=warm)
-    _, compile_s = _timed(lambda: run(True))
-    old, secs = _timed(run)
-    rows.append(dict(batch=b, method="windowed", secs=secs, warm=compile_s,
-                     same=np.mean([o == r for o, r in zip(old, ref)])))
-    print(f"  batch {b}: windowed {secs:.2f}s (compiles: {compile_s:.1f}s)", flush=True)
-    if b == 1 and not args.no_loop:
-      tok, text = _Ids(), " ".join(map(str, prompts[0]))
-      loop = lambda k: sample.generate_windowed(model, params, tok, text, k, window, temperature=0.0)
-      _, compile_s = _timed(lambda: loop(1))
-      out, secs = _timed(lambda: loop(n))
-      rows.append(dict(batch=b, method="loop", secs=secs, warm=compile_s,
-                       same=float(tok.encode(out)[p:] == ref[0])))
-      print(f"  batch {b}: loop {secs:.2f}s", flush=True)
+    rows += _bench_former(args, model, params, prompts, ref)
+  _print_table(rows, n)
+  _print_floor(n_params * 4, rows, n)
+  return rows
+
+
+def _print_floor(n_bytes: int, rows, n) -> None:
+  """The weight-read floor of a batch-1 token: every step reads all the float32 weights once;
+  one thread's read bandwidth (numpy sum of an array that size, best of 3)."""
+  a = np.ones(n_bytes // 4, np.float32)
+  best = min(_timed(a.sum)[1] for _ in range(3))
+  print(f"one thread reads {n_bytes / best / 1e9:.1f} GB/s here: the {n_bytes / 1e9:.2f} GB of "
+        f"weights take >= {best * 1e3:.1f} ms a batch-1 token", end="")
+  ms = {r["method"]: r["secs"] / n * 1e3 for r in rows if r["batch"] == 1}
+  if ms:
+    print(" (" + ", ".join(f"{m} {v / (best * 1e3):.2f}x it" for m, v in ms.items()) + ")")
+  else:
+    print()
+
+
+def _bench_engine(model, params, prompts, n, ref, k) -> dict:
+  """The engine with `k` decode steps a call: its time, and its host work a model call."""
+  b, p = len(prompts), len(prompts[0])
+  eng = engine_lib.Engine(model, params, None, slots=b, max_len=p + n, prefix_cache_mb=0,
+                          decode_steps=k)
+  _, compile_s = _timed(eng.warmup)
+  eng.start()
+  _engine_run(eng, prompts, n)
+  before = dict(eng.stats)
+  out, secs = _timed(lambda: _engine_run(eng, prompts, n))
+  eng.stop()
+  keys = ("device_wait_s", "decode_steps", "decode_calls", "prefill_calls")
+  d = {key: eng.stats[key] - before.get(key, 0) for key in keys}
+  host = (secs - d["device_wait_s"]) / (d["decode_calls"] + d["prefill_calls"])
+  share = 1 - d["device_wait_s"] / secs
+  print(f"  batch {b}: engine/{k} {secs:.2f}s ({d['decode_steps']} decode steps in "
+        f"{d['decode_calls']} calls, {d['prefill_calls']} prefill calls; host work "
+        f"{host * 1e3:.1f} ms a call, {share:.0%} of its time)", flush=True)
+  return dict(batch=b, method=f"engine/{k}", secs=secs, warm=compile_s, host=host, share=share,
+              same=np.mean([o == r for o, r in zip(out, ref)]))
+
+
+def _bench_former(args, model, params, prompts, ref) -> list[dict]:
+  """The former decoders: the windowed one, and (batch 1) the per-token loop."""
+  b, p, n = len(prompts), args.prompt_len, args.new_tokens
+  window, rows = p + n, []
+  if args.no_windowed:
+    return rows
+  run = lambda warm=False: greedy.greedy_decode_windowed(model, params, prompts, window, None, n,
+                                                         batch_size=b, warm_only=warm)
+  _, compile_s = _timed(lambda: run(True))
+  old, secs = _timed(run)
+  rows.append(dict(batch=b, method="windowed", secs=secs, warm=compile_s,
+                   same=np.mean([o == r for o, r in zip(old, ref)])))
+  print(f"  batch {b}: windowed {secs:.2f}s (compiles: {compile_s:.1f}s)", flush=True)
+  if b == 1 and not args.no_loop:
+    tok, text = _Ids(), " ".join(map(str, prompts[0]))
+    loop = lambda k: sample.generate_windowed(model, params, tok, text, k, window, temperature=0.0)
+    _, compile_s = _timed(lambda: loop(1))
+    out, secs = _timed(lambda: loop(n))
+    rows.append(dict(batch=b, method="loop", secs=secs, warm=compile_s,
+                     same=float(tok.encode(out)[p:] == ref[0])))
+    print(f"  batch {b}: loop {secs:.2f}s", flush=True)
+  return rows
+
+
+def _print_table(rows, n) -> None:
   print()
   print("| batch | method   | new tokens/s | seconds | ms/token | x cache | same tokens |")
   print("|------:|----------|-------------:|--------:|---------:|--------:|------------:|")
@@ -146,13 +190,14 @@ def main(argv=None) -> list[dict]:
           f"{'-' if r['same'] is None else format(r['same'], '.0%'):>11s} |")
   for r in rows:
     if "host" in r:
-      print(f"batch {r['batch']}: the engine's host work (Python, dispatch, requests) takes "
-            f"{r['host'] * 1e3:.1f} ms a model call, {r['share']:.0%} of its time")
-  for b in sorted({r["batch"] for r in rows}):
-    if (b, "hf") in secs:
-      print(f"batch {b}: hf generate takes {secs[b, 'hf'] / secs[b, 'cache']:.2f}x the cache's time "
-            f"and {secs[b, 'hf'] / secs[b, 'engine']:.2f}x the engine's")
-  return rows
+      print(f"batch {r['batch']}: {r['method']}: host work (Python, dispatch, requests) "
+            f"{r['host'] * 1e3:.1f} ms a model call, {r['share']:.0%} of its time; its time "
+            f"{r['secs'] / secs[r['batch'], 'cache']:.2f}x the one-request decoder's")
+  for r in rows:
+    if r["method"].startswith("engine") and (r["batch"], "hf") in secs:
+      b = r["batch"]
+      print(f"batch {b}: hf generate takes {secs[b, 'hf'] / secs[b, 'cache']:.2f}x the cache's "
+            f"time and {secs[b, 'hf'] / r['secs']:.2f}x {r['method']}'s")
 
 
 def _engine_run(eng, prompts, n):

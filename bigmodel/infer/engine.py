@@ -8,9 +8,16 @@
     handle.cancel()                                    # frees the slot at the next step
 
 The design of vLLM, TGI and JetStream, on one host:
-  * `slots` rows share one cache of `max_len` (+ one chunk of slack) positions a row. Every engine
-    step runs ONE jitted decode step over all slots; an idle or prefilling slot rides along with
-    segment id 0, so its cache index does not move (models/decoder.py).
+  * `slots` rows share one cache of `max_len` positions a row (rounded up to whole pages).
+    Every engine step runs one jitted decode call over all slots; an idle or prefilling slot
+    rides along with segment id 0, so its cache index does not move (models/decoder.py).
+    While no request waits (none queued, no prompt left to prefill), the last step freed no
+    slot (a client that got its answer often sends the next request at once) and every
+    decoding row wants at least `decode_steps` more tokens, the call runs that many steps (a
+    scan: vLLM's multi-step scheduling), so the host's dispatch, the wait for the ids and the
+    Python between steps come once per `decode_steps` tokens; a row that ends inside the call
+    (EOS, a stop string) keeps its tokens up to its end, the rest are dropped. Else the call
+    runs one step, so that a new request joins at once.
   * A new request takes a free slot and is prefilled in chunks (the smallest of `chunk_sizes`
     that holds the rest of the prompt, else the largest). Prefill goes first: each engine step
     runs the waiting prompts' chunks, oldest first, several slots' chunks of one size in one
@@ -22,9 +29,11 @@ The design of vLLM, TGI and JetStream, on one host:
   * A request that ends (EOS, a stop string, max_tokens, or cancel) frees its slot at once.
   * Sampling parameters (temperature, top-k, top-p, seed) are per-slot arrays inside the step:
     row i draws with fold_in(key(seed_i), n) for its n-th token, so a request gives the same
-    tokens alone or in any batch, and greedy rows skip the sort when no row samples.
-  * Shapes are static: one compile of the decode step, one of each (prefill rows, chunk size)
-    and one of the page copies, all made by `warmup()`; nothing compiles while serving.
+    tokens alone or in any batch. Greedy rows only take an argmax; the sort over the vocabulary
+    runs only when a sampled row asks for top-p or a top-k over 256 (pure top-k: lax.top_k).
+  * Shapes are static: one compile of each decode call (1 and `decode_steps` steps), one of
+    each (prefill rows, chunk size) and one of the page copies, all made by `warmup()`;
+    nothing compiles while serving.
   * Prefix reuse: a finished request's keys and values (its prompt and reply) go into an LRU
     store of pages (`page` positions each, bounded by `prefix_cache_mb`). A new request whose
     tokens start with a stored sequence gets those pages copied into its slot and prefills
@@ -140,19 +149,45 @@ class _Slot:
 # ----------------------------------------------------------------------------- jitted steps
 
 
+TOP_K_CAP = 256    # pure top-k rows up to this k filter with lax.top_k instead of a full sort
+
+
+def _filter_rows(scaled, top_k, top_p):
+  """Each row's top-k / top-p filter (rows with neither keep their logits). The full sort over
+  the vocabulary runs only when a row asks for top-p or a top-k over TOP_K_CAP; rows of pure
+  top-k (k <= TOP_K_CAP) need only the k largest values (lax.top_k): the same threshold, so
+  the same kept set as decode.filter_logits."""
+  need = (top_k > 0) | (top_p < 1.0)
+
+  def small_k(x):
+    v = x.shape[-1]
+    k = jnp.minimum(top_k, min(TOP_K_CAP, v))
+    top = jax.lax.top_k(x, min(TOP_K_CAP, v))[0]                      # b cap, most likely first
+    threshold = jnp.take_along_axis(top, jnp.maximum(k - 1, 0)[:, None], axis=-1)
+    return jnp.where(need[:, None], jnp.where(x >= threshold, x, -jnp.inf), x)
+
+  def full(x):
+    return jnp.where(need[:, None], decode.filter_logits(x, top_k[:, None], top_p[:, None]), x)
+
+  fast = jnp.all(~need | ((top_p >= 1.0) & (top_k <= TOP_K_CAP)))
+  return jax.lax.cond(jnp.any(need),
+                      lambda x: jax.lax.cond(fast, small_k, full, x), lambda x: x, scaled)
+
+
 def sample_rows(logits, seeds, steps, temperature, top_k, top_p):
-  """logits [b, v] -> ids [b] with per-row settings ([b] arrays); see the module docstring."""
+  """logits [b, v] -> ids [b] with per-row settings ([b] arrays); see the module docstring.
+  Only greedy rows: an argmax. Sampled rows without top-k / top-p: no sort (`_filter_rows`)."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  sampled = temperature > 0
 
   def draw(_):
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    filtered = decode.filter_logits(scaled, top_k[:, None], top_p[:, None])
-    scaled = jnp.where(((top_k > 0) | (top_p < 1.0))[:, None], filtered, scaled)
+    scaled = _filter_rows(scaled, jnp.where(sampled, top_k, 0), jnp.where(sampled, top_p, 1.0))
     keys = jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, steps)
     return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
 
-  drawn = jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, None)
-  return jnp.where(temperature > 0, drawn, greedy)
+  drawn = jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, None)
+  return jnp.where(sampled, drawn, greedy)
 
 
 def _is_index(path) -> bool:
@@ -172,6 +207,25 @@ def _decode_step(model, params, cache, tokens, active, temperature, top_k, top_p
                               segment_ids=active[:, None].astype(jnp.int32), decode=True,
                               mutable=["cache"])
   return state["cache"], sample_rows(logits[:, 0], seeds, steps, temperature, top_k, top_p)
+
+
+def _decode_steps(model, params, cache, tokens, active, temperature, top_k, top_p, seeds, steps,
+                  *, k: int):
+  """k decode steps in one call (a scan; each feeds the last sampled ids): ids [k, b]. Rows run
+  all k steps; the host keeps each request's tokens up to its end (EOS, stop, max_tokens) and
+  drops the rest: a row's extra keys/values lie past its end, where nothing reads them."""
+  if k == 1:
+    cache, tok = _decode_step(model, params, cache, tokens, active, temperature, top_k, top_p,
+                              seeds, steps)
+    return cache, tok[None]
+
+  def body(carry, j):
+    cache, tok = carry
+    cache, tok = _decode_step(model, params, cache, tok, active, temperature, top_k, top_p, seeds,
+                              steps + j)
+    return (cache, tok), tok
+  (cache, _), toks = jax.lax.scan(body, (cache, tokens), jnp.arange(k, dtype=steps.dtype))
+  return cache, toks
 
 
 def _prefill_rows(model, params, cache, slots, tokens, n_valid, pos, temperature, top_k, top_p,
@@ -214,7 +268,7 @@ def _write_page(cache, slot, offset, page):
   return jax.tree_util.tree_unflatten(tree, new)
 
 
-_decode_jit = jax.jit(_decode_step, static_argnums=0, donate_argnums=2)
+_decode_jit = jax.jit(_decode_steps, static_argnums=0, static_argnames="k", donate_argnums=2)
 _prefill_jit = jax.jit(_prefill_rows, static_argnums=0, donate_argnums=2)
 _read_page_jit = jax.jit(_read_page, static_argnames="size")
 _write_page_jit = jax.jit(_write_page, donate_argnums=0)
@@ -304,12 +358,13 @@ class Engine:
   how many slots' chunks one prefill call may run (1 is always one; each (rows, chunk size)
   compiles once). prefill_budget: prompt tokens an engine step prefills, at least one call,
   while other requests decode (all waiting prompts when none does). max_queue: requests
-  waiting for a slot before `submit` raises QueueFull."""
+  waiting for a slot before `submit` raises QueueFull. decode_steps: decode steps a call while
+  nothing waits (1: one a call)."""
 
   def __init__(self, model, params, tokenizer=None, *, slots: int = 8, max_len: int | None = None,
-               chunk_sizes: Sequence[int] = (16, 64), prefill_rows: Sequence[int] = (1, 2, 4),
+               chunk_sizes: Sequence[int] = (16, 64), prefill_rows: Sequence[int] = (1, 4),
                prefill_budget: int = 256, page: int = 64, max_queue: int = 64,
-               prefix_cache_mb: float = 256.0, eos_id: int | None = None):
+               prefix_cache_mb: float = 256.0, eos_id: int | None = None, decode_steps: int = 4):
     cfg = model.cfg
     limit = decode.position_limit(cfg)
     max_len = max_len or cfg.max_len
@@ -317,10 +372,10 @@ class Engine:
       raise ConfigError(f"max_len={max_len} exceeds the model's {limit} positions "
                         f"(ModelConfig.max_len): use at most {limit}")
     if slots < 1 or not chunk_sizes or min(chunk_sizes) < 1 or page < 1 or prefill_budget < 1 \
-        or min(prefill_rows, default=1) < 1:
+        or min(prefill_rows, default=1) < 1 or decode_steps < 1:
       raise ConfigError(f"slots={slots}, chunk_sizes={tuple(chunk_sizes)}, prefill_rows="
-                        f"{tuple(prefill_rows)}, prefill_budget={prefill_budget}, page={page}: "
-                        f"each must be at least 1")
+                        f"{tuple(prefill_rows)}, prefill_budget={prefill_budget}, page={page}, "
+                        f"decode_steps={decode_steps}: each must be at least 1")
     model, params = decode.unstack_layers(model.clone(mesh=None), nn.meta.unbox(params))
     self.model = model
     self.params = jax.device_put(jax.device_get(params))
@@ -331,7 +386,11 @@ class Engine:
     self.prefill_rows = tuple(sorted({1} | {int(r) for r in prefill_rows if r <= slots}))
     self.prefill_budget = prefill_budget
     self.page = page
-    self.cache_len = max_len + max(self.chunk_sizes[-1], page)     # slack: a chunk never clips
+    self.decode_steps = decode_steps
+    # no slack past max_len (each decode step attends over the whole row): the keys and values
+    # of a last chunk's padding, or of the extra steps of a row that ended inside a call, fall
+    # past the end and are dropped (layers.write_rows); pages are read whole.
+    self.cache_len = -(-max_len // page) * page
     self.cache = nn.meta.unbox(decode.init_cache(model, slots, self.cache_len))
     self.store = PrefixStore(int(prefix_cache_mb * 2**20), page)
     kv = [a for p, a in jax.tree_util.tree_leaves_with_path(self.cache) if not _is_index(p)]
@@ -345,6 +404,7 @@ class Engine:
     self._ids = itertools.count()
     self._thread: threading.Thread | None = None
     self._stopping = False
+    self._freed = False
     s = slots
     self._tok = np.zeros(s, np.int32)
     self._temp, self._top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
@@ -442,9 +502,10 @@ class Engine:
                                      np.zeros(k, np.uint32))
     page = _read_page_jit(self.cache, z, z, size=self.page)
     self.cache = _write_page_jit(self.cache, z, z, page)
-    self.cache, tok = _decode_jit(self.model, self.params, self.cache, self._tok,
-                                  np.zeros(self.slots, bool), self._temp, self._top_k,
-                                  self._top_p, self._seed, self._step)
+    for k in sorted({1, self.decode_steps}):
+      self.cache, tok = _decode_jit(self.model, self.params, self.cache, self._tok,
+                                    np.zeros(self.slots, bool), self._temp, self._top_k,
+                                    self._top_p, self._seed, self._step, k=k)
     jax.block_until_ready(tok)
 
   # --------------------------------------------------------------------------- the loop
@@ -581,21 +642,40 @@ class Engine:
     self.stats["device_wait_s"] += time.perf_counter() - t
     return tok
 
+  def _steps_now(self, active: np.ndarray) -> int:
+    """decode_steps when nothing waits (no queue, no prompt left to prefill), no slot was freed
+    by the last step (a client that got its answer often sends its next request at once) and
+    every decoding row wants at least that many more tokens; else 1 (a new request is not held
+    back)."""
+    k, freed, self._freed = self.decode_steps, self._freed, False
+    if k == 1 or freed or self._waiting or any(s is not None and not s.decoding
+                                               for s in self._active):
+      return 1
+    rest = min(self._active[i].handle.params.max_tokens - len(self._active[i].generated)
+               for i in np.flatnonzero(active))
+    return k if rest >= k else 1
+
   def _decode(self) -> None:
     active = np.array([s is not None and s.decoding for s in self._active])
     if not active.any():
       return
-    self.cache, tok = _decode_jit(self.model, self.params, self.cache, self._tok, active,
-                                  self._temp, self._top_k, self._top_p, self._seed, self._step)
-    tok = self._wait(tok)
-    self.stats["decode_steps"] += 1
-    self.stats["decode_rows"] += int(active.sum())
-    for i in np.flatnonzero(active):
-      s = self._active[i]
-      s.fed += 1
-      self._step[i] += 1
-      self._tok[i] = tok[i]
-      self._accept(i, int(tok[i]))
+    k = self._steps_now(active)
+    self.cache, toks = _decode_jit(self.model, self.params, self.cache, self._tok, active,
+                                   self._temp, self._top_k, self._top_p, self._seed, self._step,
+                                   k=k)
+    toks = self._wait(toks)
+    self.stats["decode_calls"] += 1
+    self.stats["decode_steps"] += k
+    self.stats["decode_rows"] += k * int(active.sum())
+    for tok in toks:
+      for i in np.flatnonzero(active):
+        s = self._active[i]
+        if s is None or s.handle.cancelled:      # ended at an earlier step of this call
+          continue
+        s.fed += 1
+        self._step[i] += 1
+        self._tok[i] = tok[i]
+        self._accept(i, int(tok[i]))
 
   def _accept(self, i: int, t: int) -> None:
     """Hands slot i's new token to its request; ends it at EOS, a stop string or max_tokens."""
@@ -631,4 +711,5 @@ class Engine:
 
   def _free(self, i: int) -> None:
     self._active[i] = None
+    self._freed = True
     self._temp[i], self._top_k[i], self._top_p[i], self._step[i] = 0, 0, 1, 0
