@@ -271,6 +271,7 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
   Raises ConfigError naming the file and binding at fault.
   """
   from bigmodel import objectives  # noqa: F401  (registers the task sections with gin)
+  from bigmodel import prune  # PruneConfig
   gin.clear_config()
   file_dirs = [os.path.dirname(os.path.abspath(f)) for f in gin_files]
   for path in list(search_paths) + file_dirs + ["experiments", "."]:
@@ -311,6 +312,7 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
                      mesh=MeshConfig(), train=train, task=section() if section else None)
     for extra in _extra_sections(train.objective):
       extra()
+    prune.read_if_bound()           # PruneConfig (optim.make reads it later)
   except (ValueError, TypeError, RuntimeError) as e:
     if isinstance(e, ConfigError):
       raise

@@ -69,4 +69,5 @@ def make(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformati
     raise ConfigError(f"OptimConfig.name={cfg.name!r}: expected adamw, adafactor, lamb or sgd")
   if cfg.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-  return opt, lr
+  from bigmodel import prune     # magnitude pruning when PruneConfig.sparsity > 0 (prune.py)
+  return prune.maybe_wrap(opt, total_steps), lr

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigmodel import config, models, quant
+from bigmodel import config, models, quant, quant_bench
 from bigmodel.config import ModelConfig
 from bigmodel.infer import restore
 from tests.helpers import decoder_workdir, run_main
@@ -42,8 +42,10 @@ def test_encoder_classifier_int8_agrees_with_float():
     fn = jax.jit(lambda p, qmodel=qmodel: qmodel.apply({"params": p}, *args))
     err = np.abs(np.asarray(fn(qparams)) - ref).max()
     assert 0 < err < 0.05 * np.abs(ref).max(), (mode, err)    # not the float model, but close
-    dots = [line for line in fn.lower(qparams).as_text().splitlines() if "dot_general" in line]
-    assert any("xi8>" in line for line in dots) == (mode == "dynamic")   # int8 dots: dynamic
+    # after XLA:CPU's optimizations: dynamic runs int8 x int8 -> int32 dots, weight_only none
+    dots = quant_bench.dot_types(fn.lower(qparams).compile().as_text())
+    assert (dots.get("s32<-s8,s8", 0) > 0) == (mode == "dynamic"), (mode, dots)
+    assert not any("s8" in k for k in dots if k != "s32<-s8,s8"), dots
 
 
 @pytest.fixture(scope="module")
