@@ -31,6 +31,11 @@ from bigmodel.train.state import param_count
 
 FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
           "alias_size_in_bytes", "generated_code_size_in_bytes")
+# The inputs that only training reads (data files, the run a fine-tuning starts from): compiling
+# binds these recipe macros to placeholders, before the recipe, so that a value given still wins
+# and a recipe that leaves them to its user compiles alone. Training still asks for them.
+UNREAD_BY_COMPILE = {"INIT_CHECKPOINT": "", "TRAIN_FILE": "", "EVAL_FILE": "", "TARGET_FILE": "",
+                     "EVAL_TARGET_FILE": ""}
 _UNITS = {"": 1, "B": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 

@@ -230,7 +230,7 @@ def _setup_logging():
     pass
 
 
-def _load_config(args, bindings):
+def _load_config(args, bindings, defaults=None):
   from bigmodel import config
   from bigmodel import storage
   from bigmodel.data import recsys  # noqa: F401 - registers RecsysConfig with gin
@@ -244,7 +244,7 @@ def _load_config(args, bindings):
     elif not bindings:
       raise config.ConfigError(f"{saved} does not exist: pass --gin_file, or a --workdir "
                                f"written by `bigmodel train`")
-  exp = config.load(files, bindings)
+  exp = config.load(files, bindings, defaults=defaults)
   recsys.operative(exp)     # a recommender's RecsysConfig joins the run's config.gin
   return exp
 
@@ -398,7 +398,7 @@ def _serve_recommender(args, bindings):
 
 def cmd_compile(args, bindings):
   from bigmodel import aot, config
-  exp = _load_config(args, bindings)
+  exp = _load_config(args, bindings, defaults=aot.UNREAD_BY_COMPILE)
   mesh_cfg = config.parse_mesh(args.mesh) if args.mesh else exp.mesh
   if not args.topology:
     print(aot.format_report(aot.compile_train_step(exp, mesh_cfg)))

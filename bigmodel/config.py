@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import gin
 
@@ -264,12 +264,42 @@ def _format_gin_error(err: Exception) -> str:
   return msg + hint
 
 
+# A recipe that takes its model from the run it starts from (the *_fast test recipes: the start's
+# config.gin comes first) may bind `DEFAULTS = ["include 'sizes/minilm_l6.gin'", ...]`: gin
+# statements parsed before every file, so that the recipe alone still loads (`bigmodel compile`)
+# while any file or binding given sets the model all the same.
+RECIPE_DEFAULTS = "DEFAULTS"
+_weak_macros: set[str] = set()      # the macros of load's `defaults`: exempt from the unused check
+
+
 def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
-         search_paths: Sequence[str] = ()) -> Experiment:
+         search_paths: Sequence[str] = (), defaults: Mapping[str, Any] | None = None) -> Experiment:
   """Parses gin files then bindings (later wins) and builds the Experiment.
 
+  `defaults`: macros bound before the files (any file or binding overrides them), e.g. the
+  placeholders that `bigmodel compile` gives the inputs only training reads.
   Raises ConfigError naming the file and binding at fault.
   """
+  read_by_files = _parse(gin_files, bindings, search_paths, defaults or {}, ())
+  before = _recipe_defaults()
+  if before:
+    read_by_files = _parse(gin_files, bindings, search_paths, defaults or {}, before)
+  return _build(gin_files, read_by_files)
+
+
+def _recipe_defaults() -> list[str]:
+  from gin import config as gin_config
+  value = gin_config._CONFIG.get((RECIPE_DEFAULTS, "gin.macro"), {}).get("value")   # pylint: disable=protected-access
+  if value is None:
+    return []
+  if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+    raise ConfigError(f"{RECIPE_DEFAULTS} = {value!r}: expected a list of gin statements, e.g. "
+                      f"[\"include 'sizes/minilm_l6.gin'\"]")
+  return list(value)
+
+
+def _parse(gin_files, bindings, search_paths, defaults: Mapping[str, Any], before: Sequence[str]) -> set[str]:
+  """Parses `defaults`, `before`, the files, then the bindings; the macros the files name."""
   from bigmodel import objectives  # noqa: F401  (registers the task sections with gin)
   from bigmodel import prune  # PruneConfig
   gin.clear_config()
@@ -279,6 +309,10 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
       gin.add_config_file_search_path(os.path.abspath(path))
   for name, default in MACRO_DEFAULTS.items():
     gin.bind_parameter(f"{name}/macro.value", default())
+  _weak_macros.clear()
+  _weak_macros.update(defaults, [RECIPE_DEFAULTS])
+  for name, value in defaults.items():
+    gin.bind_parameter(f"{name}/macro.value", value)
   for path in gin_files:
     if not os.path.exists(path):
       raise ConfigError(f"gin file {path!r} does not exist (cwd: {os.getcwd()})")
@@ -286,6 +320,8 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
   level = root.level
   root.setLevel(logging.CRITICAL)   # gin logs every include path it tries as an ERROR
   try:
+    for statement in before:
+      gin.parse_config(statement)
     for path in gin_files:
       text = open(path).read()
       new = migrate_legacy(text)
@@ -305,6 +341,10 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
       gin.parse_config(b)
     except (ValueError, KeyError, SyntaxError) as e:
       raise ConfigError(f"in command-line binding --gin.{b}: {_format_gin_error(e)}") from None
+  return read_by_files
+
+
+def _build(gin_files, read_by_files: set[str]) -> Experiment:
   try:
     train = TrainConfig()
     section = _task_section(train.objective)
@@ -389,13 +429,14 @@ def _macro_references() -> set[str]:
 def unused_bindings() -> list[str]:
   """The bindings and macros of the parsed config that building the Experiment never read
   (gin's own tables: every binding against the operative config, which records the ones a
-  configurable call used). Macros that `load` binds by default (DATA_DIR) are exempt."""
+  configurable call used). Macros that `load` binds by default (DATA_DIR, its `defaults`,
+  a recipe's DEFAULTS) are exempt."""
   from gin import config as gin_config
   used = gin_config._OPERATIVE_CONFIG   # pylint: disable=protected-access
   names = []
   for (scope, selector), params in gin_config._CONFIG.items():   # pylint: disable=protected-access
     if selector == "gin.macro":
-      if scope not in MACRO_DEFAULTS and (scope, selector) not in used:
+      if scope not in MACRO_DEFAULTS and scope not in _weak_macros and (scope, selector) not in used:
         names.append(scope)
       continue
     prefix = f"{scope}/" if scope else ""

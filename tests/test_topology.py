@@ -205,3 +205,38 @@ def test_report_rounds_the_batch_up_and_floors_the_estimate(monkeypatch):
   assert seen == [16] and (r["batch"], r["batch_adjusted_from"]) == (16, 12)
   assert r["predicted_max_batch"] == 16
   assert "rounded up" in pod.format_report(r)
+
+
+def test_every_recipe_loads_alone_for_compile(tmp_path):
+  """`bigmodel compile --gin_file=RECIPE` needs nothing that only training reads: the data files
+  and the start get placeholders (aot.UNREAD_BY_COMPILE), a *_fast recipe's model its DEFAULTS;
+  a start's config.gin passed first still sets the model, and training still asks for a start."""
+  from bigmodel import aot
+  from bigmodel.train import loop
+  sys.path.insert(0, "launch")
+  import compile_recipes
+  found = compile_recipes.recipes()
+  assert len(found) >= 20 and "experiments/finetune/sst2_fast.gin" in found
+  for recipe in found:
+    exp = config.load([recipe], [], defaults=aot.UNREAD_BY_COMPILE)
+    assert exp.model.vocab_size > 0 or exp.train.objective in ("linear_regression",
+                                                                  "logistic_regression",
+                                                                  "mlp_regression"), recipe
+  fast = "experiments/finetune/sst2_fast.gin"
+  assert config.load([fast], [], defaults=aot.UNREAD_BY_COMPILE).model.d_model == 384   # MiniLM-L6
+  init = tmp_path / "config.gin"
+  init.write_text("\n".join(TINY_MODEL) + "\n")
+  exp = config.load([str(init), fast], ["INIT_CHECKPOINT = 'x'", "TRAIN_FILE = 't'", "EVAL_FILE = ''"])
+  assert (exp.model.d_model, exp.model.vocab_size, exp.model.num_layers) == (32, 64, 2)
+  with pytest.raises(config.ConfigError, match="the macro TRAIN_FILE has no value"):
+    config.load([fast], ["INIT_CHECKPOINT = 'x'"])                       # training still needs it
+  phase2 = config.load(["experiments/bert_wikitext_mlm_nsp_phase2.gin"])
+  with pytest.raises(config.ConfigError, match="init_checkpoint has no value.*compile. does not need"):
+    loop.train(phase2, str(tmp_path / "w"), "")
+  assert not (tmp_path / "w").exists()
+  rows = [{"recipe": "a", "rc": 1, "error": "boom"},
+          {"recipe": "b", "rc": 0, "mesh": {"data": 64, "fsdp": 1}, "batch": 64, "batch_adjusted_from": 12,
+           "seq_len": 64, "params": 8e5, "bytes_per_device": 2**30, "eval_bytes_per_device": None,
+           "fits": True, "compile_s": 9.6, "eval_compile_s": None}]
+  text = compile_recipes.table(rows)
+  assert "| a | FAILED (rc 1): boom |" in text and "| b | 0.80M | data64 | 64 (from 12) | 64 | 1.000 | - | yes | 10 |" in text

@@ -11,6 +11,7 @@ import math
 import time
 from typing import Any, Iterator
 
+import gin
 import jax
 
 from bigmodel import distributed, flops, models, objectives, sharding, storage
@@ -94,6 +95,16 @@ def _existing_tokenizer(workdir: str):
     return tokenizers.load(workdir)
   except FileNotFoundError:
     return None
+
+
+def _check_required_start(tc) -> None:
+  """A recipe that starts from a run it leaves to its user (`= %gin.REQUIRED`: phase 2, LoRA)
+  loads and compiles without one; training needs it."""
+  if tc.init_checkpoint is gin.REQUIRED:
+    raise ConfigError("TrainConfig.init_checkpoint has no value: this recipe starts from the "
+                      "params of another run. Name that workdir with --gin.INIT_CHECKPOINT=\"'DIR'\" "
+                      "(or --gin.TrainConfig.init_checkpoint=\"'DIR'\" where the recipe binds it "
+                      "directly); `bigmodel compile` does not need it")
 
 
 def _init_workdir(path: str) -> str:
@@ -199,6 +210,7 @@ def setup(exp: Experiment, workdir: str, config_str: str = "", allow_changed=())
   """Mesh, components, input, and the state (restored, or initialized sharded); writes the
   run's config.gin and tokenizer. Fails before any write on a workdir of another model."""
   tc = exp.train
+  _check_required_start(tc)
   mesh = sharding.make_mesh(exp.mesh)
   exp = objectives.get(exp.train.objective).resolve(exp)   # e.g. NUM_CLASSES from the labels
   comp = Components.build(exp, mesh)        # abstract: fails fast on bad shapes
