@@ -300,8 +300,7 @@ def _recipe_defaults() -> list[str]:
 
 def _parse(gin_files, bindings, search_paths, defaults: Mapping[str, Any], before: Sequence[str]) -> set[str]:
   """Parses `defaults`, `before`, the files, then the bindings; the macros the files name."""
-  from bigmodel import objectives  # noqa: F401  (registers the task sections with gin)
-  from bigmodel import prune  # PruneConfig
+  from bigmodel import objectives, prune  # noqa: F401  (register the task sections and PruneConfig with gin)
   gin.clear_config()
   file_dirs = [os.path.dirname(os.path.abspath(f)) for f in gin_files]
   for path in list(search_paths) + file_dirs + ["experiments", "."]:
@@ -345,6 +344,7 @@ def _parse(gin_files, bindings, search_paths, defaults: Mapping[str, Any], befor
 
 
 def _build(gin_files, read_by_files: set[str]) -> Experiment:
+  from bigmodel import prune
   try:
     train = TrainConfig()
     section = _task_section(train.objective)
