@@ -113,7 +113,7 @@ OBJECTIVES = {
                           recsys.RecsysConfig),
 }
 OBJECTIVES["distill"] = Objective("encoder_classifier", distill.distill_loss, distill.summarize,
-                                  classification.model_args, classification.example_batch,
+                                  classification.model_args, distill.example_batch,
                                   distill.build_data, NO_VOCAB_OUTPUT,
                                   classification.ClassificationConfig, classification.head_args,
                                   classification.resolve, extra_configs=(distill.DistillConfig,))

@@ -140,6 +140,14 @@ class DistillData:
     return _Batches(self.data.eval_batches(*args, **kwargs), self.forward)
 
 
+def example_batch(batch_size: int, seq_len: int) -> dict:
+  """A classification batch plus the teacher's logits [b, classes] (the task's NUM_CLASSES;
+  2 while it is left to the labels), the shapes `compile` and the train state are built on."""
+  classes = classification.ClassificationConfig().num_classes or 2
+  return {**classification.example_batch(batch_size, seq_len),
+          "teacher_logits": jnp.zeros((batch_size, classes), jnp.float32)}
+
+
 def build_data(cfg, tokenizer=None) -> DistillData:
   data = classification.build_data(cfg, tokenizer)
   forward, classes = load_teacher(DistillConfig().teacher)
