@@ -23,9 +23,11 @@ The design of vLLM, TGI and JetStream, on one host:
     runs the waiting prompts' chunks, oldest first, several slots' chunks of one size in one
     call (`prefill_rows` of them: one weight pass for all), before its decode step, until none
     is left or, while other requests decode, `prefill_budget` prompt tokens have run (so a long
-    prompt delays the decoding requests by about that much a step). The last chunk samples the
-    request's first token; the request joins the batch at the next decode step. A burst of
-    arrivals thus gets its first tokens without waiting for decode steps in between.
+    prompt delays the decoding requests by about that much a step). Requests that arrive during
+    a prefill call are admitted before the next one, so they join this step's prefill instead of
+    waiting for its decode call. The last chunk samples the request's first token (sent at once);
+    the request joins the batch at the next decode step. A burst of arrivals thus gets its first
+    tokens without waiting for decode steps in between.
   * A request that ends (EOS, a stop string, max_tokens, or cancel) frees its slot at once.
   * Sampling parameters (temperature, top-k, top-p, seed) are per-slot arrays inside the step:
     row i draws with fold_in(key(seed_i), n) for its n-th token, so a request gives the same
@@ -361,7 +363,7 @@ class Engine:
   nothing waits (1: one a call)."""
 
   def __init__(self, model, params, tokenizer=None, *, slots: int = 8, max_len: int | None = None,
-               chunk_sizes: Sequence[int] = (16, 64), prefill_rows: Sequence[int] = (1, 4),
+               chunk_sizes: Sequence[int] = (16, 64), prefill_rows: Sequence[int] = (1, 2, 4),
                prefill_budget: int = 256, page: int = 64, max_queue: int = 64,
                prefix_cache_mb: float = 256.0, eos_id: int | None = None, decode_steps: int = 4):
     cfg = model.cfg
@@ -521,15 +523,21 @@ class Engine:
         if self._stopping:
           break
       try:
-        self._drop_cancelled()
-        self._admit()
-        self._prefill()
-        self._decode()
+        self.step()
       except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
         log.exception("engine step failed")
         self._fail_all("error", f"internal error: {type(e).__name__}: {e}")
         self.cache = nn.meta.unbox(decode.init_cache(self.model, self.slots, self.cache_len))
     self._fail_all("cancelled", None)
+
+  def step(self) -> None:
+    """One turn of the loop: drop cancelled requests, admit waiting ones to free slots, run
+    the prefill calls, then one decode call. `start()` runs it on the engine's thread; a test
+    or a simulation (bench_serve's --simulate) may call it on an engine it did not start."""
+    self._drop_cancelled()
+    self._admit()
+    self._prefill()
+    self._decode()
 
   def _fail_all(self, reason: str, error: str | None) -> None:
     with self._cond:
@@ -588,10 +596,11 @@ class Engine:
   def _prefill(self) -> None:
     """The waiting prompts' chunks, oldest first, up to prefill_rows slots a call (those whose
     next chunk has the oldest's size), until none is left or, while others decode, the step's
-    prefill_budget is spent."""
+    prefill_budget is spent; requests that arrived meanwhile are admitted before each call."""
     budget = self.prefill_budget if any(s is not None and s.decoding for s in self._active) else None
     spent = 0
     while budget is None or spent < budget:
+      self._admit()                    # requests that came during the last call join this step
       waiting = sorted((s.handle.id, i) for i, s in enumerate(self._active)
                        if s is not None and not s.decoding)
       if not waiting:
