@@ -8,15 +8,15 @@
 The real Engine (its scheduler: admission, prefill order and grouping, the choice of decode
 steps a call) drives stand-ins for its jitted calls that return token 0 and move a virtual clock
 by a cost model instead of computing: a prefill call costs step_ms + rows x chunk x token_ms
-(padding runs too), a decode step step_ms + rows x row_ms, a call of k steps k of those
-(`--cost max`: max(step_ms, tokens x ms) instead, a compute-bound model). The defaults are
-GPT-2 small in float32 on this 2-core CPU as bench_serve saw it at load 18 (serve2's notes),
-scaled to ~100 ms a weight read: a 1x64 prefill call took about one decode step (TTFT p50 0.76 s
-against 0.89 s a token at 1 client), 8 decoding rows ~1.18x one row; a guess, not a measurement
-of the costs one by one. Clients are closed-loop as in bench_serve (the same requests: prompt lengths and
-new-token counts cycled, no EOS): client c sends its first request at c x think_ms, and its next
-one think_ms after its last one ended (the HTTP round trip); requests arriving while a call runs
-are queued when it ends, so they wait for it as on the real engine. Deterministic: no host load
+(padding runs too), a decode step step_ms + rows x row_ms, a call of k steps k of those (`--cost
+max`: max(step_ms, tokens x ms) instead, a compute-bound model). The defaults are GPT-2 small in
+float32 on this 2-core CPU as bench_serve saw it at load 18 (serve2's notes), scaled to ~100 ms
+a weight read: a 1x64 prefill call took about one decode step (TTFT p50 0.76 s against 0.89 s a
+token at 1 client), 8 decoding rows ~1.18x one row; a guess, not a measurement of the costs one
+by one. Clients are closed-loop as in bench_serve (the same requests: prompt lengths and new-
+token counts cycled, no EOS): client c sends its first request at c x think_ms, and its next one
+think_ms after its last one ended (the HTTP round trip); requests arriving while a call runs are
+queued when it ends, so they wait for it as on the real engine. Deterministic: no host load
 moves it. Prints, per level, what bench_serve prints on the engine's clock (model calls between
 a request's submit and its first token, p50/p99) with their kinds, and the modelled seconds;
 `--show N` lists the calls the N slowest first tokens waited for.
