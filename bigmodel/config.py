@@ -69,6 +69,8 @@ class ModelConfig:
                                # (SwiGLU only; else ignored), wo
   attention: str = "xla"       # xla | dot_product | cudnn | splash (bigmodel/models/attention.py)
   loss_chunk: int = 0          # causal LM: sequence positions per chunk of the loss (0: whole logits)
+  decode_span: int = 0         # KV-cache decoding attends to the first decode_span cache slots
+                               # only (0: all); the serving engine sets it per call
 
   def __post_init__(self):
     choices = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
@@ -88,6 +90,8 @@ class ModelConfig:
                         f"of {lora_names}")
     if self.loss_chunk < 0:
       raise ConfigError(f"ModelConfig.loss_chunk={self.loss_chunk}: expected >= 0 (0: off)")
+    if self.decode_span < 0:
+      raise ConfigError(f"ModelConfig.decode_span={self.decode_span}: expected >= 0 (0: all slots)")
     if self.d_model % self.num_heads and not self.head_dim:
       raise ConfigError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads="
                         f"{self.num_heads}; set ModelConfig.head_dim explicitly")

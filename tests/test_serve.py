@@ -107,6 +107,9 @@ def test_batching_equals_one_at_a_time_without_compiles(run):
     assert eng.load() == {"slots": 4, "active": 0, "waiting": 0}
     # alone, a request decodes 4 steps a call (decode_steps), trimmed to its max_tokens
     assert eng.stats["decode_calls"] < eng.stats["decode_steps"]
+    # decode calls attended to the cache's first 16 or 32 slots while the rows were that short
+    assert eng.spans == (16, 32, 64)
+    assert eng.stats["decode_span_slots"] < 64 * eng.stats["decode_calls"]
   finally:
     eng.stop()
 
