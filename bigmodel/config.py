@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import gin
 
@@ -269,7 +269,6 @@ def _format_gin_error(err: Exception) -> str:
 # statements parsed before every file, so that the recipe alone still loads (`bigmodel compile`)
 # while any file or binding given sets the model all the same.
 RECIPE_DEFAULTS = "DEFAULTS"
-_weak_macros: set[str] = set()      # the macros of load's `defaults`: exempt from the unused check
 
 
 def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
@@ -280,11 +279,12 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
   placeholders that `bigmodel compile` gives the inputs only training reads.
   Raises ConfigError naming the file and binding at fault.
   """
-  read_by_files = _parse(gin_files, bindings, search_paths, defaults or {}, ())
+  defaults = defaults or {}
+  read_by_files = _parse(gin_files, bindings, search_paths, defaults, ())
   before = _recipe_defaults()
   if before:
-    read_by_files = _parse(gin_files, bindings, search_paths, defaults or {}, before)
-  return _build(gin_files, read_by_files)
+    read_by_files = _parse(gin_files, bindings, search_paths, defaults, before)
+  return _build(gin_files, read_by_files, weak=set(defaults))
 
 
 def _recipe_defaults() -> list[str]:
@@ -308,8 +308,6 @@ def _parse(gin_files, bindings, search_paths, defaults: Mapping[str, Any], befor
       gin.add_config_file_search_path(os.path.abspath(path))
   for name, default in MACRO_DEFAULTS.items():
     gin.bind_parameter(f"{name}/macro.value", default())
-  _weak_macros.clear()
-  _weak_macros.update(defaults, [RECIPE_DEFAULTS])
   for name, value in defaults.items():
     gin.bind_parameter(f"{name}/macro.value", value)
   for path in gin_files:
@@ -343,7 +341,7 @@ def _parse(gin_files, bindings, search_paths, defaults: Mapping[str, Any], befor
   return read_by_files
 
 
-def _build(gin_files, read_by_files: set[str]) -> Experiment:
+def _build(gin_files, read_by_files: set[str], weak: Collection[str]) -> Experiment:
   from bigmodel import prune
   try:
     train = TrainConfig()
@@ -363,7 +361,7 @@ def _build(gin_files, read_by_files: set[str]) -> Experiment:
     raise ConfigError(f"{e}\nSet the missing values in a gin file or with --gin.NAME=VALUE.") from None
   # A command-line binding may replace a recipe binding that read a macro
   # (--gin.TrainConfig.train_steps=5 over `= %TRAIN_STEPS`): the user chose that binding.
-  unused = [n for n in unused_bindings() if n not in read_by_files - _macro_references()]
+  unused = [n for n in unused_bindings(weak) if n not in read_by_files - _macro_references()]
   if unused:
     reads = f"; its objective {train.objective!r} reads " + (section.__name__ if section else
                                                            "no task section")
@@ -426,17 +424,18 @@ def _macro_references() -> set[str]:
           if ref.config_key[1] == "gin.macro"}
 
 
-def unused_bindings() -> list[str]:
+def unused_bindings(weak: Collection[str] = ()) -> list[str]:
   """The bindings and macros of the parsed config that building the Experiment never read
   (gin's own tables: every binding against the operative config, which records the ones a
-  configurable call used). Macros that `load` binds by default (DATA_DIR, its `defaults`,
-  a recipe's DEFAULTS) are exempt."""
+  configurable call used). Macros that `load` binds by default are exempt: DATA_DIR, a
+  recipe's DEFAULTS, and `weak` (the names of load's `defaults`)."""
   from gin import config as gin_config
   used = gin_config._OPERATIVE_CONFIG   # pylint: disable=protected-access
   names = []
   for (scope, selector), params in gin_config._CONFIG.items():   # pylint: disable=protected-access
     if selector == "gin.macro":
-      if scope not in MACRO_DEFAULTS and scope not in _weak_macros and (scope, selector) not in used:
+      exempt = scope in MACRO_DEFAULTS or scope == RECIPE_DEFAULTS or scope in weak
+      if not exempt and (scope, selector) not in used:
         names.append(scope)
       continue
     prefix = f"{scope}/" if scope else ""
