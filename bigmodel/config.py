@@ -243,6 +243,7 @@ class Experiment:
   mesh: MeshConfig
   train: TrainConfig
   task: Any = None      # the objective's own config section (`Objective.config`), or None
+  prune: Any = None     # prune.PruneConfig when a binding names it (bigmodel/prune.py), or None
 
   @property
   def task_data(self):
@@ -350,7 +351,8 @@ def _build(gin_files, read_by_files: set[str], weak: Collection[str]) -> Experim
                      mesh=MeshConfig(), train=train, task=section() if section else None)
     for extra in _extra_sections(train.objective):
       extra()
-    prune.read_if_bound()           # PruneConfig (optim.make reads it later)
+    if _binds_configurable("PruneConfig"):   # else None: a run without it keeps its config.gin
+      exp = dataclasses.replace(exp, prune=prune.PruneConfig())
   except (ValueError, TypeError, RuntimeError) as e:
     if isinstance(e, ConfigError):
       raise
@@ -372,6 +374,13 @@ def _build(gin_files, read_by_files: set[str], weak: Collection[str]) -> Experim
         f"the run builds (ModelConfig, DataConfig, OptimConfig, MeshConfig, TrainConfig{reads}). "
         f"Fix the spelling or drop it.")
   return exp
+
+
+def _binds_configurable(name: str) -> bool:
+  """Whether a parsed binding names the configurable `name` (in any scope)."""
+  from gin import config as gin_config
+  return any(sel.rsplit(".", 1)[-1] == name
+             for _, sel in gin_config._CONFIG)       # pylint: disable=protected-access
 
 
 def _task_section(objective: str):
