@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import re
+import types
 from typing import Any, Collection, Mapping, Sequence
 
 import gin
@@ -288,9 +289,23 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
   return _build(gin_files, read_by_files, weak=set(defaults))
 
 
-def _recipe_defaults() -> list[str]:
+def gin_bindings(operative: bool = False) -> Mapping[tuple[str, str], Mapping[str, Any]]:
+  """gin's table of the parsed bindings, read-only: {(scope, selector): {param: value}}, the
+  macro NAME as {(NAME, "gin.macro"): {"value": v}}, values as parsed (`%NAME` and
+  `@configurable` are gin reference objects). operative=True: the table of the values that
+  configurable calls used so far (what `operative_config` prints), same layout.
+
+  gin (0.5) has no public reader for either (`config_str`/`operative_config_str` print them):
+  this is the one place that reads its private `_CONFIG` and `_OPERATIVE_CONFIG`; the
+  recipe's DEFAULTS, the macro references, the unused-binding check and Experiment.prune read
+  them through it. A gin upgrade that renames them breaks only this function."""
   from gin import config as gin_config
-  value = gin_config._CONFIG.get((RECIPE_DEFAULTS, "gin.macro"), {}).get("value")   # pylint: disable=protected-access
+  table = gin_config._OPERATIVE_CONFIG if operative else gin_config._CONFIG   # pylint: disable=protected-access
+  return types.MappingProxyType(table)
+
+
+def _recipe_defaults() -> list[str]:
+  value = gin_bindings().get((RECIPE_DEFAULTS, "gin.macro"), {}).get("value")
   if value is None:
     return []
   if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -378,9 +393,7 @@ def _build(gin_files, read_by_files: set[str], weak: Collection[str]) -> Experim
 
 def _binds_configurable(name: str) -> bool:
   """Whether a parsed binding names the configurable `name` (in any scope)."""
-  from gin import config as gin_config
-  return any(sel.rsplit(".", 1)[-1] == name
-             for _, sel in gin_config._CONFIG)       # pylint: disable=protected-access
+  return any(sel.rsplit(".", 1)[-1] == name for _, sel in gin_bindings())
 
 
 def _task_section(objective: str):
@@ -428,8 +441,7 @@ def _extra_sections(objective: str) -> tuple:
 
 def _macro_references() -> set[str]:
   """The macros that the parsed bindings name (`%NAME`)."""
-  from gin import config as gin_config
-  return {ref.config_key[0] for ref in gin_config.iterate_references(gin_config._CONFIG)   # pylint: disable=protected-access
+  return {ref.config_key[0] for ref in gin.config.iterate_references(gin_bindings())
           if ref.config_key[1] == "gin.macro"}
 
 
@@ -438,10 +450,9 @@ def unused_bindings(weak: Collection[str] = ()) -> list[str]:
   (gin's own tables: every binding against the operative config, which records the ones a
   configurable call used). Macros that `load` binds by default are exempt: DATA_DIR, a
   recipe's DEFAULTS, and `weak` (the names of load's `defaults`)."""
-  from gin import config as gin_config
-  used = gin_config._OPERATIVE_CONFIG   # pylint: disable=protected-access
+  used = gin_bindings(operative=True)
   names = []
-  for (scope, selector), params in gin_config._CONFIG.items():   # pylint: disable=protected-access
+  for (scope, selector), params in gin_bindings().items():
     if selector == "gin.macro":
       exempt = scope in MACRO_DEFAULTS or scope == RECIPE_DEFAULTS or scope in weak
       if not exempt and (scope, selector) not in used:
