@@ -15,7 +15,7 @@ from bigmodel import sharding
 from bigmodel.config import ConfigError, DataConfig, MeshConfig, OptimConfig
 from bigmodel.data import lm as lm_data
 from bigmodel.objectives import classification
-from bigmodel.train import dp, state as state_lib, step as step_lib
+from bigmodel.train import dp, frozen, state as state_lib, step as step_lib
 
 
 # ----------------------------------------------------------------------------- clipping and noise
@@ -112,6 +112,41 @@ def test_dp_step_on_a_mesh_with_microbatches_equals_one_device():
   # the noise is in the update: N(0, (0.7 * 0.5 / 16)^2) on ~1.6k coordinates has norm ~0.9,
   # above the clipped mean's bound 0.5 * 13/16
   assert float(m_ref["grad_norm"]) > 0.5
+
+
+def _frozen_step(pattern: tuple, dp_clip: float):
+  """One step of _Tiny with Adam on one device, `pattern` frozen: (params before, after, state)."""
+  mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
+  model, tx = _Tiny(), frozen.freeze(optax.adam(1e-2), pattern)
+  args = (jnp.zeros((16, 8), jnp.int32),)
+  _, state_sh = state_lib.state_shardings(model, tx, args, mesh)
+  state = state_lib.init_state(model, tx, args, mesh, jax.random.key(0))
+  before = jax.device_get(state.params)
+  step = step_lib.make_train_step(model, tx, lambda s: 1e-2, _loss, mesh, state_sh, seed=0,
+                                  dp_clip=dp_clip, dp_noise=0.7 if dp_clip else 0.0,
+                                  frozen=pattern)
+  state, _ = step(state, lm_data.to_global(_batch(0), sharding.batch_sharding(mesh)))
+  return before, jax.device_get(state.params), state.opt_state
+
+
+@pytest.mark.parametrize("dp_clip", [0.0, 0.5])
+def test_frozen_params_get_no_gradient_noise_state_or_update(dp_clip):
+  """OptimConfig.frozen_params: the frozen table is exactly unchanged (no update, no DP noise),
+  the optimizer keeps no moments for it, every other leaf trains; without DP the other leaves'
+  updates are those of the unfrozen run (freezing changes no other gradient)."""
+  pattern = ("Embed_0/embedding",)
+  before, after, opt_state = _frozen_step(pattern, dp_clip)
+  np.testing.assert_array_equal(after["Embed_0"]["embedding"], before["Embed_0"]["embedding"])
+  for name in ("Dense_0", "Dense_1"):
+    assert not np.allclose(after[name]["kernel"], before[name]["kernel"])
+  trained = sum(x.size for x in jax.tree.leaves(frozen.trainable(before, pattern)))
+  assert sum(x.size for x in jax.tree.leaves(opt_state)) == 2 * trained + 1   # mu, nu, count
+  if not dp_clip:
+    _, ref, _ = _frozen_step((), 0.0)          # nothing frozen
+    for name in ("Dense_0", "Dense_1"):
+      np.testing.assert_allclose(after[name]["kernel"], ref[name]["kernel"], rtol=1e-5, atol=1e-7)
+  with pytest.raises(ConfigError, match="matches no parameter path"):
+    frozen.check(before, ("embed/embedding",))
 
 
 # ----------------------------------------------------------------------------- accounting
