@@ -21,7 +21,8 @@ import dataclasses
 import logging
 import os
 import re
-from typing import Any, Mapping, Sequence
+import types
+from typing import Any, Collection, Mapping, Sequence
 
 import gin
 
@@ -69,6 +70,8 @@ class ModelConfig:
                                # (SwiGLU only; else ignored), wo
   attention: str = "xla"       # xla | dot_product | cudnn | splash (bigmodel/models/attention.py)
   loss_chunk: int = 0          # causal LM: sequence positions per chunk of the loss (0: whole logits)
+  decode_span: int = 0         # KV-cache decoding attends to the first decode_span cache slots
+                               # only (0: all); the serving engine sets it per call
 
   def __post_init__(self):
     choices = {"positions": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
@@ -88,6 +91,8 @@ class ModelConfig:
                         f"of {lora_names}")
     if self.loss_chunk < 0:
       raise ConfigError(f"ModelConfig.loss_chunk={self.loss_chunk}: expected >= 0 (0: off)")
+    if self.decode_span < 0:
+      raise ConfigError(f"ModelConfig.decode_span={self.decode_span}: expected >= 0 (0: all slots)")
     if self.d_model % self.num_heads and not self.head_dim:
       raise ConfigError(f"ModelConfig.d_model={self.d_model} is not divisible by num_heads="
                         f"{self.num_heads}; set ModelConfig.head_dim explicitly")
@@ -247,6 +252,7 @@ class Experiment:
   mesh: MeshConfig
   train: TrainConfig
   task: Any = None      # the objective's own config section (`Objective.config`), or None
+  prune: Any = None     # prune.PruneConfig when a binding names it (bigmodel/prune.py), or None
 
   @property
   def task_data(self):
@@ -273,7 +279,6 @@ def _format_gin_error(err: Exception) -> str:
 # statements parsed before every file, so that the recipe alone still loads (`bigmodel compile`)
 # while any file or binding given sets the model all the same.
 RECIPE_DEFAULTS = "DEFAULTS"
-_weak_macros: set[str] = set()      # the macros of load's `defaults`: exempt from the unused check
 
 
 def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
@@ -284,16 +289,31 @@ def load(gin_files: Sequence[str] = (), bindings: Sequence[str] = (),
   placeholders that `bigmodel compile` gives the inputs only training reads.
   Raises ConfigError naming the file and binding at fault.
   """
-  read_by_files = _parse(gin_files, bindings, search_paths, defaults or {}, ())
+  defaults = defaults or {}
+  read_by_files = _parse(gin_files, bindings, search_paths, defaults, ())
   before = _recipe_defaults()
   if before:
-    read_by_files = _parse(gin_files, bindings, search_paths, defaults or {}, before)
-  return _build(gin_files, read_by_files)
+    read_by_files = _parse(gin_files, bindings, search_paths, defaults, before)
+  return _build(gin_files, read_by_files, weak=set(defaults))
+
+
+def gin_bindings(operative: bool = False) -> Mapping[tuple[str, str], Mapping[str, Any]]:
+  """gin's table of the parsed bindings, read-only: {(scope, selector): {param: value}}, the
+  macro NAME as {(NAME, "gin.macro"): {"value": v}}, values as parsed (`%NAME` and
+  `@configurable` are gin reference objects). operative=True: the table of the values that
+  configurable calls used so far (what `operative_config` prints), same layout.
+
+  gin (0.5) has no public reader for either (`config_str`/`operative_config_str` print them):
+  this is the one place that reads its private `_CONFIG` and `_OPERATIVE_CONFIG`; the
+  recipe's DEFAULTS, the macro references, the unused-binding check and Experiment.prune read
+  them through it. A gin upgrade that renames them breaks only this function."""
+  from gin import config as gin_config
+  table = gin_config._OPERATIVE_CONFIG if operative else gin_config._CONFIG   # pylint: disable=protected-access
+  return types.MappingProxyType(table)
 
 
 def _recipe_defaults() -> list[str]:
-  from gin import config as gin_config
-  value = gin_config._CONFIG.get((RECIPE_DEFAULTS, "gin.macro"), {}).get("value")   # pylint: disable=protected-access
+  value = gin_bindings().get((RECIPE_DEFAULTS, "gin.macro"), {}).get("value")
   if value is None:
     return []
   if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
@@ -312,8 +332,6 @@ def _parse(gin_files, bindings, search_paths, defaults: Mapping[str, Any], befor
       gin.add_config_file_search_path(os.path.abspath(path))
   for name, default in MACRO_DEFAULTS.items():
     gin.bind_parameter(f"{name}/macro.value", default())
-  _weak_macros.clear()
-  _weak_macros.update(defaults, [RECIPE_DEFAULTS])
   for name, value in defaults.items():
     gin.bind_parameter(f"{name}/macro.value", value)
   for path in gin_files:
@@ -347,7 +365,7 @@ def _parse(gin_files, bindings, search_paths, defaults: Mapping[str, Any], befor
   return read_by_files
 
 
-def _build(gin_files, read_by_files: set[str]) -> Experiment:
+def _build(gin_files, read_by_files: set[str], weak: Collection[str]) -> Experiment:
   from bigmodel import prune
   try:
     train = TrainConfig()
@@ -356,7 +374,8 @@ def _build(gin_files, read_by_files: set[str]) -> Experiment:
                      mesh=MeshConfig(), train=train, task=section() if section else None)
     for extra in _extra_sections(train.objective):
       extra()
-    prune.read_if_bound()           # PruneConfig (optim.make reads it later)
+    if _binds_configurable("PruneConfig"):   # else None: a run without it keeps its config.gin
+      exp = dataclasses.replace(exp, prune=prune.PruneConfig())
   except (ValueError, TypeError, RuntimeError) as e:
     if isinstance(e, ConfigError):
       raise
@@ -367,7 +386,7 @@ def _build(gin_files, read_by_files: set[str]) -> Experiment:
     raise ConfigError(f"{e}\nSet the missing values in a gin file or with --gin.NAME=VALUE.") from None
   # A command-line binding may replace a recipe binding that read a macro
   # (--gin.TrainConfig.train_steps=5 over `= %TRAIN_STEPS`): the user chose that binding.
-  unused = [n for n in unused_bindings() if n not in read_by_files - _macro_references()]
+  unused = [n for n in unused_bindings(weak) if n not in read_by_files - _macro_references()]
   if unused:
     reads = f"; its objective {train.objective!r} reads " + (section.__name__ if section else
                                                            "no task section")
@@ -378,6 +397,11 @@ def _build(gin_files, read_by_files: set[str]) -> Experiment:
         f"the run builds (ModelConfig, DataConfig, OptimConfig, MeshConfig, TrainConfig{reads}). "
         f"Fix the spelling or drop it.")
   return exp
+
+
+def _binds_configurable(name: str) -> bool:
+  """Whether a parsed binding names the configurable `name` (in any scope)."""
+  return any(sel.rsplit(".", 1)[-1] == name for _, sel in gin_bindings())
 
 
 def _task_section(objective: str):
@@ -425,22 +449,21 @@ def _extra_sections(objective: str) -> tuple:
 
 def _macro_references() -> set[str]:
   """The macros that the parsed bindings name (`%NAME`)."""
-  from gin import config as gin_config
-  return {ref.config_key[0] for ref in gin_config.iterate_references(gin_config._CONFIG)   # pylint: disable=protected-access
+  return {ref.config_key[0] for ref in gin.config.iterate_references(gin_bindings())
           if ref.config_key[1] == "gin.macro"}
 
 
-def unused_bindings() -> list[str]:
+def unused_bindings(weak: Collection[str] = ()) -> list[str]:
   """The bindings and macros of the parsed config that building the Experiment never read
   (gin's own tables: every binding against the operative config, which records the ones a
-  configurable call used). Macros that `load` binds by default (DATA_DIR, its `defaults`,
-  a recipe's DEFAULTS) are exempt."""
-  from gin import config as gin_config
-  used = gin_config._OPERATIVE_CONFIG   # pylint: disable=protected-access
+  configurable call used). Macros that `load` binds by default are exempt: DATA_DIR, a
+  recipe's DEFAULTS, and `weak` (the names of load's `defaults`)."""
+  used = gin_bindings(operative=True)
   names = []
-  for (scope, selector), params in gin_config._CONFIG.items():   # pylint: disable=protected-access
+  for (scope, selector), params in gin_bindings().items():
     if selector == "gin.macro":
-      if scope not in MACRO_DEFAULTS and scope not in _weak_macros and (scope, selector) not in used:
+      exempt = scope in MACRO_DEFAULTS or scope == RECIPE_DEFAULTS or scope in weak
+      if not exempt and (scope, selector) not in used:
         names.append(scope)
       continue
     prefix = f"{scope}/" if scope else ""

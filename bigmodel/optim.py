@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import jax
 import optax
 
 from bigmodel.config import ConfigError, OptimConfig
+
+if TYPE_CHECKING:
+  from bigmodel.prune import PruneConfig
 
 NO_DECAY_NAMES = ("bias", "scale", "norm")
 
@@ -52,7 +57,9 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def make(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make(cfg: OptimConfig, total_steps: int,
+         pruning: PruneConfig | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer chain, lr schedule). `pruning`: a prune.PruneConfig (`Experiment.prune`) or None."""
   lr = schedule(cfg, total_steps)
   if cfg.name == "adamw":
     opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
@@ -69,5 +76,5 @@ def make(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformati
     raise ConfigError(f"OptimConfig.name={cfg.name!r}: expected adamw, adafactor, lamb or sgd")
   if cfg.clip_norm > 0:
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-  from bigmodel import prune     # magnitude pruning when PruneConfig.sparsity > 0 (prune.py)
-  return prune.maybe_wrap(opt, total_steps), lr
+  from bigmodel import prune     # magnitude pruning when pruning.sparsity > 0 (prune.py)
+  return prune.maybe_wrap(opt, total_steps, pruning), lr

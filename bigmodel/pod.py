@@ -212,6 +212,17 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
+def table_cells(r: dict) -> tuple[str, str]:
+  """(mesh, compile seconds): two cells of a report's row in the launch/ markdown tables
+  (launch/pod_table.py, launch/compile_recipes.py). The mesh's axes of more than one way
+  (`data64`, `fsdp4xtensor2`; "1" on one device); the train step's compile seconds ("refused":
+  the TPU compiler refused it), "+ the eval step's" when that was compiled."""
+  mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
+  compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] else "refused"
+  compile_s += f" + {r['eval_compile_s']:.0f}" if r.get("eval_compile_s") else ""
+  return mesh, compile_s
+
+
 def json_summary(r: dict) -> dict:
   """The last line's object: everything but the nested details."""
   return {k: v for k, v in r.items() if k not in ("memory", "largest_buffers")}

@@ -5,7 +5,8 @@
     PruneConfig.end_step = 0            # 0: 3/4 of train_steps
     PruneConfig.frequency = 10          # recompute the mask every this many steps
 
-`optim.make` appends `transform` to the optimizer chain when `sparsity > 0`. The sparsity
+config.load builds PruneConfig as `Experiment.prune` when a binding names it (else None), and
+`optim.make` given it appends `transform` to the optimizer chain when `sparsity > 0`. The sparsity
 follows Zhu & Gupta 2017 ("To prune, or not to prune"): s(t) = s_f + (s_i - s_f) (1 - p)^3
 with p = (t - begin) / (end - begin) clipped to [0, 1], so it rises fast and levels off.
 At steps begin, begin + frequency, ... and at end, the mask is recomputed from the
@@ -56,15 +57,6 @@ class PruneConfig:
       raise ConfigError(f"PruneConfig: need 0 <= begin_step ({self.begin_step}) <= end_step "
                         f"({end}) < train_steps ({total_steps}) so the last mask is applied")
     return dataclasses.replace(self, end_step=end)
-
-
-def read_if_bound() -> None:
-  """Builds PruneConfig when a binding names it, so config.load sees those bindings read (and
-  the run's config.gin records them); a run without pruning keeps its config.gin as it was."""
-  from gin import config as gin_config
-  if any(sel.rsplit(".", 1)[-1] == "PruneConfig"
-         for _, sel in gin_config._CONFIG):       # pylint: disable=protected-access
-    PruneConfig()
 
 
 def sparsity_at(cfg: PruneConfig, step) -> jax.Array:
@@ -133,10 +125,10 @@ def transform(cfg: PruneConfig) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
-def maybe_wrap(tx: optax.GradientTransformation, total_steps: int) -> optax.GradientTransformation:
-  """`tx` followed by the pruning step when PruneConfig.sparsity > 0, else `tx` itself."""
-  cfg = PruneConfig()
-  if cfg.sparsity <= 0:
+def maybe_wrap(tx: optax.GradientTransformation, total_steps: int,
+               cfg: PruneConfig | None) -> optax.GradientTransformation:
+  """`tx` followed by the pruning step when cfg.sparsity > 0, else `tx` itself (cfg None: off)."""
+  if cfg is None or cfg.sparsity <= 0:
     return tx
   return optax.chain(tx, transform(cfg.check(total_steps)))
 

@@ -65,6 +65,7 @@ def compile_one(recipe: str, topology: str, mesh: str, skip_eval: bool) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+  from bigmodel import pod
   gib = lambda b: "-" if b is None else f"{b / 2**30:.3f}"
   params = lambda n: f"{n / 1e6:,.2f}M" if n >= 1e4 else f"{n:,}"
   out = ["| recipe | params | mesh | global batch | seq | train GiB/chip | eval GiB/chip | fits | "
@@ -73,10 +74,8 @@ def table(rows: list[dict]) -> str:
     if "error" in r:
       out.append(f"| {r['recipe']} | FAILED (rc {r['rc']}): {r['error'][:200]} |" + " |" * 7)
       continue
-    mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1) or "1"
+    mesh, compile_s = pod.table_cells(r)
     batch = f"{r['batch']}" + (f" (from {r['batch_adjusted_from']})" if "batch_adjusted_from" in r else "")
-    compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] else "refused"
-    compile_s += f" + {r['eval_compile_s']:.0f}" if r.get("eval_compile_s") else ""
     out.append(f"| {r['recipe']} | {params(r['params'])} | {mesh} | {batch} | {r['seq_len']} | "
                f"{gib(r['bytes_per_device'])} | {gib(r['eval_bytes_per_device'])} | "
                f"{'yes' if r['fits'] else 'no'} | {compile_s} |")

@@ -58,16 +58,16 @@ def run_row(name: str, topo: str, mfu: float, max_compiles: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+  from bigmodel import pod
   gib = lambda b: "-" if b is None else f"{b / 2**30:.1f}"
   out = ["| model | seq | slice (chips) | mesh | global batch | GiB/chip | fits | largest batch "
          "(compiled / estimated) | est. chip-hours / 10B tokens | compile s |", "|" + "---|" * 10]
   for r in rows:
-    mesh = "x".join(f"{k}{v}" for k, v in r["mesh"].items() if v > 1)
+    mesh, compile_s = pod.table_cells(r)
     best = "-"
     if "max_batch_that_fits" in r:
       best = f"{r['max_batch_that_fits']}" + ("" if r["max_batch_exact"] else "+")
     best += f" / {r['predicted_max_batch']}" if "predicted_max_batch" in r else " / -"
-    compile_s = f"{r['compile_s']:.0f}" if r["compile_s"] else "refused"
     out.append(f"| {r['row']} ({r['params'] / 1e6:,.0f}M) | {r['seq_len']} | {r['topology']} ({r['chips']}) | "
                f"{mesh} | {r['batch']} | {gib(r['bytes_per_device'])} | {'yes' if r['fits'] else 'no'} | "
                f"{best} | {r['chip_hours']:,.0f} | {compile_s} |")

@@ -9,6 +9,7 @@ import pytest
 
 from bigmodel import config, optim, prune
 from bigmodel.config import ConfigError, OptimConfig
+from bigmodel.train import bad_steps
 
 
 def _params(seed=0):
@@ -80,25 +81,24 @@ def test_pruned_weights_stay_zero_and_sparsity_reaches_the_target():
   assert not np.any(np.asarray(params["layer"]["bias"]) == 0)
 
 
-def test_optim_make_adds_pruning_from_gin_and_checks_the_config():
+def _prune_states(tx):
+  return [s for s in jax.tree.leaves(tx.init(_params()),
+                                     is_leaf=lambda x: isinstance(x, prune.PruneState))
+          if isinstance(s, prune.PruneState)]
+
+
+def test_optim_make_adds_pruning_from_its_config_and_checks_it():
   gin.clear_config()
   try:
-    tx, _ = optim.make(OptimConfig(), 100)
-    assert not any(isinstance(s, prune.PruneState) for s in
-                   jax.tree.leaves(tx.init(_params()), is_leaf=lambda x: isinstance(x, prune.PruneState)))
-    gin.bind_parameter("PruneConfig.sparsity", 0.5)
-    tx, _ = optim.make(OptimConfig(), 100)
-    found = [s for s in jax.tree.leaves(tx.init(_params()),
-                                         is_leaf=lambda x: isinstance(x, prune.PruneState))
-             if isinstance(s, prune.PruneState)]
-    assert len(found) == 1
-    gin.bind_parameter("PruneConfig.end_step", 100)
+    assert not _prune_states(optim.make(OptimConfig(), 100)[0])
+    assert not _prune_states(optim.make(OptimConfig(), 100, prune.PruneConfig())[0])   # sparsity 0
+    gin.bind_parameter("PruneConfig.sparsity", 0.5)     # gin is not read here: Experiment.prune is
+    assert not _prune_states(optim.make(OptimConfig(), 100)[0])
+    assert len(_prune_states(optim.make(OptimConfig(), 100, prune.PruneConfig(sparsity=0.5))[0])) == 1
     with pytest.raises(ConfigError, match="end_step"):
-      optim.make(OptimConfig(), 100)
-    gin.bind_parameter("PruneConfig.end_step", 0)
-    gin.bind_parameter("PruneConfig.sparsity", 1.0)
+      optim.make(OptimConfig(), 100, prune.PruneConfig(sparsity=0.5, end_step=100))
     with pytest.raises(ConfigError, match="sparsity"):
-      optim.make(OptimConfig(), 100)
+      optim.make(OptimConfig(), 100, prune.PruneConfig(sparsity=1.0))
   finally:
     gin.clear_config()
 
@@ -106,10 +106,11 @@ def test_optim_make_adds_pruning_from_gin_and_checks_the_config():
 def test_config_load_reads_prune_bindings_only_when_given():
   base = ["TrainConfig.train_steps=10", "TrainConfig.batch_size=2", "ModelConfig.vocab_size=32"]
   try:
-    config.load(bindings=base + ["PruneConfig.sparsity=0.5", "PruneConfig.frequency=2"])
-    assert prune.PruneConfig().sparsity == 0.5      # no "set but never read" error
+    exp = config.load(bindings=base + ["PruneConfig.sparsity=0.5", "PruneConfig.frequency=2"])
+    assert exp.prune == prune.PruneConfig(sparsity=0.5, frequency=2)   # no "never read" error
     assert "PruneConfig.frequency = 2" in config.operative_config()    # recorded in config.gin
-    config.load(bindings=base)
+    assert len(_prune_states(bad_steps.make_optimizer(exp)[0])) == 1   # the run's optimizer
+    assert config.load(bindings=base).prune is None
     assert "PruneConfig" not in config.operative_config()   # other runs' config.gin unchanged
   finally:
     gin.clear_config()

@@ -107,6 +107,9 @@ def test_batching_equals_one_at_a_time_without_compiles(run):
     assert eng.load() == {"slots": 4, "active": 0, "waiting": 0}
     # alone, a request decodes 4 steps a call (decode_steps), trimmed to its max_tokens
     assert eng.stats["decode_calls"] < eng.stats["decode_steps"]
+    # decode calls attended to the cache's first 16 or 32 slots while the rows were that short
+    assert eng.spans == (16, 32, 64)
+    assert eng.stats["decode_span_slots"] < 64 * eng.stats["decode_calls"]
   finally:
     eng.stop()
 
@@ -153,6 +156,45 @@ def test_prefill_goes_first_in_batched_calls(run):
   assert [h.ttft_calls for h in handles[:4]] == [(0, 1), (0, 1), (0, 3), (0, 3)]
   assert handles[4].ttft_calls[0] > 0                       # it waited for a slot
   assert got == [c.tokens for c in decode.Generator(eng.model, eng.params)(prompts, 6)]
+
+
+def test_time_to_first_token_policy_on_the_engine_clock(run):
+  """Driven step by step (Engine.step, no thread): a request that arrives while others decode
+  gets its first token from its prefill call, with no decode call before it; one that arrives
+  during a prefill call joins that step's prefill instead of waiting for its decode call; while
+  a request waits for a slot the decode call runs one step (not decode_steps); and the tokens
+  equal the one-request decoder's."""
+  eng = _engine(run, prefix_cache_mb=0, decode_steps=4)     # 4 slots, chunks (8, 16), rows (1, 2)
+  tok = run["tok"]
+  got, handles = {}, {}
+
+  def submit(name, text, n, then=None):
+    def on_event(ev):
+      if ev.tokens and not got[name] and then:
+        then()
+      got[name] += ev.tokens
+    got[name] = []
+    handles[name] = eng.submit(tok.encode(text), SamplingParams(max_tokens=n, ignore_eos=True),
+                               on_event)
+  submit("d", "hello there", 30)
+  eng.step()                                   # d: prefill, then 4 decode steps in one call
+  assert eng.clock() == (4, 1) and handles["d"].ttft_calls == (0, 1)
+  submit("a", "the king", 12, then=lambda: submit("b", "x" * 20, 12))   # b comes during a's call
+  eng.step()
+  assert handles["a"].ttft_calls == (0, 1)     # its own prefill call, no decode call before it
+  assert handles["b"].ttft_calls == (0, 2)     # its two chunks (16 + 8), in the same step
+  submit("c", "a", 12)
+  submit("e", "xyz", 12)                       # 4 slots taken: e waits for one
+  steps = eng.clock()[0]
+  eng.step()
+  assert eng.clock()[0] - steps == 1 and handles["c"].ttft_calls == (0, 1)
+  while eng.load()["active"] or eng.load()["waiting"]:
+    eng.step()
+  names = ["d", "a", "b", "c", "e"]
+  ref = decode.Generator(eng.model, eng.params)([handles[n].prompt for n in names],
+                                                max(len(got[n]) for n in names))
+  assert [got[n] for n in names] == [r.tokens[:len(got[n])] for n, r in zip(names, ref)]
+  assert eng.stats["decode_calls"] < eng.stats["decode_steps"]     # multi-step calls ran too
 
 
 def test_chunked_prefill_runs_between_decode_steps_and_stop_strings(run):

@@ -1,7 +1,8 @@
 """Decode speed: the KV cache, the serving engine and Hugging Face `generate`, in the same run.
 
     python -m bigmodel.infer.bench_decode [--batches 1,8] [--prompt_len 64] [--new_tokens 128]
-                                          [--decode_steps 1,4]
+                                          [--decode_steps 1,4] [--decode_spans 1,3]
+                                          [--cache_len N]
                                           [--layers 12 --d_model 768 --heads 12 --vocab 50304]
                                           [--no_loop] [--no_windowed] [--no_hf] [--threads N]
 
@@ -17,7 +18,11 @@ compiles every shape:
   engine/k  bigmodel.infer.engine (what `bigmodel serve` runs) with k decode steps a jitted
             call (--decode_steps; 1: one step a call): `batch` slots, the prompts submitted at
             once, prefilled in chunks (several slots a call), then decode calls whose tokens
-            come back to Python after each call (streaming, joins, stops): its "x cache" is that
+            come back to Python after each call (streaming, joins, stops); --decode_spans 1,3
+            runs a row each with attention over the whole cache row (1) and over the shortest
+            of 3 spans (full, half, quarter) that holds the rows (`engine/k/s`); --cache_len:
+            the engine's cache positions a row (default prompt + new tokens; `bigmodel serve`
+            takes the model's max_len, 1024 for GPT-2): its "x cache" is that
             per-step overhead against the one-request decoder's on-device loop; a line under
             the table gives its host work a model call (the engine thread's time not spent
             waiting for the device)
@@ -77,6 +82,10 @@ def _args(argv):
   ap.add_argument("--vocab", type=int, default=50304)
   ap.add_argument("--decode_steps", default="4",
                   help="the engine's decode steps a call; a list (1,4) runs one engine row each")
+  ap.add_argument("--decode_spans", default="3",
+                  help="the engine's attention spans; a list (1,3) runs one engine row each")
+  ap.add_argument("--cache_len", type=int, default=0,
+                  help="the engine's cache positions a row (0: prompt + new tokens)")
   ap.add_argument("--no_loop", action="store_true", help="skip the slow old per-token loop")
   ap.add_argument("--no_windowed", action="store_true", help="skip the former windowed decoder")
   ap.add_argument("--no_hf", action="store_true", help="skip Hugging Face generate")
@@ -105,8 +114,11 @@ def main(argv=None) -> list[dict]:
     ref = [c.tokens for c in cached]
     rows.append(dict(batch=b, method="cache", secs=secs, same=1.0, warm=compile_s))
     print(f"  batch {b}: cache {secs:.2f}s (first call, with compile: {compile_s:.1f}s)", flush=True)
+    spans = [int(x) for x in args.decode_spans.split(",")]
     for k in [int(x) for x in args.decode_steps.split(",")]:
-      rows.append(_bench_engine(model, params, prompts, n, ref, k))
+      for sp in spans:
+        name = f"engine/{k}" + (f"/{sp}" if len(spans) > 1 else "")
+        rows.append(_bench_engine(model, params, prompts, n, ref, k, sp, args.cache_len, name))
     if not args.no_hf:
       hf, compile_s = _timed(lambda: _HF(args))
       out, secs = _timed(lambda: hf(prompts, n))
@@ -132,11 +144,12 @@ def _print_floor(n_bytes: int, rows, n) -> None:
     print()
 
 
-def _bench_engine(model, params, prompts, n, ref, k) -> dict:
-  """The engine with `k` decode steps a call: its time, and its host work a model call."""
+def _bench_engine(model, params, prompts, n, ref, k, spans, cache_len, name) -> dict:
+  """The engine with `k` decode steps a call and `spans` attention spans: its time, and its
+  host work a model call."""
   b, p = len(prompts), len(prompts[0])
-  eng = engine_lib.Engine(model, params, None, slots=b, max_len=p + n, prefix_cache_mb=0,
-                          decode_steps=k)
+  eng = engine_lib.Engine(model, params, None, slots=b, max_len=cache_len or p + n,
+                          prefix_cache_mb=0, decode_steps=k, decode_spans=spans)
   _, compile_s = _timed(eng.warmup)
   eng.start()
   _engine_run(eng, prompts, n)
@@ -147,10 +160,10 @@ def _bench_engine(model, params, prompts, n, ref, k) -> dict:
   d = {key: eng.stats[key] - before.get(key, 0) for key in keys}
   host = (secs - d["device_wait_s"]) / (d["decode_calls"] + d["prefill_calls"])
   share = 1 - d["device_wait_s"] / secs
-  print(f"  batch {b}: engine/{k} {secs:.2f}s ({d['decode_steps']} decode steps in "
+  print(f"  batch {b}: {name} {secs:.2f}s ({d['decode_steps']} decode steps in "
         f"{d['decode_calls']} calls, {d['prefill_calls']} prefill calls; host work "
         f"{host * 1e3:.1f} ms a call, {share:.0%} of its time)", flush=True)
-  return dict(batch=b, method=f"engine/{k}", secs=secs, warm=compile_s, host=host, share=share,
+  return dict(batch=b, method=name, secs=secs, warm=compile_s, host=host, share=share,
               same=np.mean([o == r for o, r in zip(out, ref)]))
 
 
@@ -180,12 +193,12 @@ def _bench_former(args, model, params, prompts, ref) -> list[dict]:
 
 def _print_table(rows, n) -> None:
   print()
-  print("| batch | method   | new tokens/s | seconds | ms/token | x cache | same tokens |")
-  print("|------:|----------|-------------:|--------:|---------:|--------:|------------:|")
+  print("| batch | method     | new tokens/s | seconds | ms/token | x cache | same tokens |")
+  print("|------:|------------|-------------:|--------:|---------:|--------:|------------:|")
   secs = {(r["batch"], r["method"]): r["secs"] for r in rows}
   for r in rows:
     base = secs[r["batch"], "cache"]
-    print(f"| {r['batch']:5d} | {r['method']:8s} | {r['batch'] * n / r['secs']:12.1f} | "
+    print(f"| {r['batch']:5d} | {r['method']:10s} | {r['batch'] * n / r['secs']:12.1f} | "
           f"{r['secs']:7.2f} | {r['secs'] / n * 1e3:8.1f} | {r['secs'] / base:7.2f} | "
           f"{'-' if r['same'] is None else format(r['same'], '.0%'):>11s} |")
   for r in rows:

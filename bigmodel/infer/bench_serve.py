@@ -3,7 +3,7 @@
     python -m bigmodel.infer.bench_serve [--clients 1,8,32] [--requests 32] [--slots 16]
         [--prompt_lens 16,32,64,128] [--new_tokens 16,32,64] [--max_len 256]
         [--layers 12 --d_model 768 --heads 12 --vocab 50304]     # GPT-2 small (random init)
-        [--chunks 16,64] [--prefill_rows 1,4] [--prefill_budget 256] [--decode_steps 4]
+        [--chunks 16,64] [--prefill_rows 1,2,4] [--prefill_budget 256] [--decode_steps 4]
                                                                   # the engine's settings
 
 The server is the real one (bigmodel.infer.api on uvicorn, the engine behind it) on a free
@@ -20,7 +20,8 @@ first token, p50/p99, and the decode steps alone among them at p99. "load": the 
 load average at the end of the level (other jobs on the host stretch every time here).
 The default prompts (16-128 tokens) are a support assistant's: a customer's question with a
 little context. Compiled programs go to the persistent cache of `bigmodel serve`
-($BIGMODEL_COMPILE_CACHE), so a second run starts in seconds.
+($BIGMODEL_COMPILE_CACHE), so a second run starts in seconds. The same load on a virtual clock,
+without a model (the scheduler alone, deterministic): python -m bigmodel.infer.sim_serve.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _args(argv):
   ap.add_argument("--heads", type=int, default=12)
   ap.add_argument("--vocab", type=int, default=50304)
   ap.add_argument("--chunks", default="16,64", help="prefill chunk sizes")
-  ap.add_argument("--prefill_rows", default="1,4", help="slots' chunks a prefill call may run")
+  ap.add_argument("--prefill_rows", default="1,2,4", help="slots' chunks a prefill call may run")
   ap.add_argument("--prefill_budget", type=int, default=256,
                   help="prompt tokens an engine step prefills while others decode")
   ap.add_argument("--decode_steps", type=int, default=4, help="decode steps a jitted call")

@@ -23,16 +23,21 @@ The design of vLLM, TGI and JetStream, on one host:
     runs the waiting prompts' chunks, oldest first, several slots' chunks of one size in one
     call (`prefill_rows` of them: one weight pass for all), before its decode step, until none
     is left or, while other requests decode, `prefill_budget` prompt tokens have run (so a long
-    prompt delays the decoding requests by about that much a step). The last chunk samples the
-    request's first token; the request joins the batch at the next decode step. A burst of
-    arrivals thus gets its first tokens without waiting for decode steps in between.
+    prompt delays the decoding requests by about that much a step). Requests that arrive during
+    a prefill call are admitted before the next one, so they join this step's prefill instead of
+    waiting for its decode call. The last chunk samples the request's first token (sent at once);
+    the request joins the batch at the next decode step. A burst of arrivals thus gets its first
+    tokens without waiting for decode steps in between.
   * A request that ends (EOS, a stop string, max_tokens, or cancel) frees its slot at once.
   * Sampling parameters (temperature, top-k, top-p, seed) are per-slot arrays inside the step:
     row i draws with fold_in(key(seed_i), n) for its n-th token, so a request gives the same
     tokens alone or in any batch. Greedy rows only take an argmax; the sort over the vocabulary
     runs only when a sampled row asks for top-p or a top-k over 256 (pure top-k: lax.top_k).
-  * Shapes are static: one compile of each decode call (1 and `decode_steps` steps), one of
-    each (prefill rows, chunk size) and one of the page copies, all made by `warmup()`;
+  * A decode call's attention reads only the first `span` cache slots, the smallest of the
+    cache length, its half, its quarter ... (`decode_spans` of them) that holds every decoding
+    row's keys through the call's last step, instead of the whole row (ModelConfig.decode_span).
+  * Shapes are static: one compile of each decode call (1 and `decode_steps` steps, each span),
+    one of each (prefill rows, chunk size) and one of the page copies, all made by `warmup()`;
     nothing compiles while serving.
   * Prefix reuse: a finished request's keys and values (its prompt and reply) go into an LRU
     store of pages (`page` positions each, bounded by `prefix_cache_mb`). A new request whose
@@ -358,12 +363,14 @@ class Engine:
   compiles once). prefill_budget: prompt tokens an engine step prefills, at least one call,
   while other requests decode (all waiting prompts when none does). max_queue: requests
   waiting for a slot before `submit` raises QueueFull. decode_steps: decode steps a call while
-  nothing waits (1: one a call)."""
+  nothing waits (1: one a call). decode_spans: how many attention spans the decode calls are
+  compiled for (1: the whole cache row only)."""
 
   def __init__(self, model, params, tokenizer=None, *, slots: int = 8, max_len: int | None = None,
-               chunk_sizes: Sequence[int] = (16, 64), prefill_rows: Sequence[int] = (1, 4),
+               chunk_sizes: Sequence[int] = (16, 64), prefill_rows: Sequence[int] = (1, 2, 4),
                prefill_budget: int = 256, page: int = 64, max_queue: int = 64,
-               prefix_cache_mb: float = 256.0, eos_id: int | None = None, decode_steps: int = 4):
+               prefix_cache_mb: float = 256.0, eos_id: int | None = None, decode_steps: int = 4,
+               decode_spans: int = 3):
     cfg = model.cfg
     limit = decode.position_limit(cfg)
     max_len = max_len or cfg.max_len
@@ -371,10 +378,11 @@ class Engine:
       raise ConfigError(f"max_len={max_len} exceeds the model's {limit} positions "
                         f"(ModelConfig.max_len): use at most {limit}")
     if slots < 1 or not chunk_sizes or min(chunk_sizes) < 1 or page < 1 or prefill_budget < 1 \
-        or min(prefill_rows, default=1) < 1 or decode_steps < 1:
+        or min(prefill_rows, default=1) < 1 or decode_steps < 1 or decode_spans < 1:
       raise ConfigError(f"slots={slots}, chunk_sizes={tuple(chunk_sizes)}, prefill_rows="
                         f"{tuple(prefill_rows)}, prefill_budget={prefill_budget}, page={page}, "
-                        f"decode_steps={decode_steps}: each must be at least 1")
+                        f"decode_steps={decode_steps}, decode_spans={decode_spans}: each must be "
+                        f"at least 1")
     model, params = decode.unstack_layers(model.clone(mesh=None), nn.meta.unbox(params))
     self.model = model
     self.params = jax.device_put(jax.device_get(params))
@@ -391,6 +399,13 @@ class Engine:
     # past the end and are dropped (layers.write_rows); pages are read whole.
     self.cache_len = -(-max_len // page) * page
     self.cache = nn.meta.unbox(decode.init_cache(model, slots, self.cache_len))
+    # decode calls attend to the first `span` cache slots, the smallest that holds every row:
+    # the cache length, its half, its quarter ... (decode_spans of them, whole pages)
+    spans = {max(-(-self.cache_len // 2**i // page) * page, page) for i in range(decode_spans)}
+    self.spans = tuple(sorted(spans | {self.cache_len}))
+    self._span_models = {n: model.clone(cfg=dataclasses.replace(model.cfg, decode_span=n))
+                         for n in self.spans if n < self.cache_len}
+    self._span_models[self.cache_len] = model
     self.store = PrefixStore(int(prefix_cache_mb * 2**20), page)
     kv = [a for p, a in jax.tree_util.tree_leaves_with_path(self.cache) if not _is_index(p)]
     self.store.page_bytes = sum(a.dtype.itemsize * a[0, :page].size for a in kv)
@@ -501,8 +516,8 @@ class Engine:
                                      np.zeros(k, np.uint32))
     page = _read_page_jit(self.cache, z, z, size=self.page)
     self.cache = _write_page_jit(self.cache, z, z, page)
-    for k in sorted({1, self.decode_steps}):
-      self.cache, tok = _decode_jit(self.model, self.params, self.cache, self._tok,
+    for k, span in itertools.product(sorted({1, self.decode_steps}), self.spans):
+      self.cache, tok = _decode_jit(self._span_models[span], self.params, self.cache, self._tok,
                                     np.zeros(self.slots, bool), self._temp, self._top_k,
                                     self._top_p, self._seed, self._step, k=k)
     jax.block_until_ready(tok)
@@ -521,15 +536,21 @@ class Engine:
         if self._stopping:
           break
       try:
-        self._drop_cancelled()
-        self._admit()
-        self._prefill()
-        self._decode()
+        self.step()
       except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
         log.exception("engine step failed")
         self._fail_all("error", f"internal error: {type(e).__name__}: {e}")
         self.cache = nn.meta.unbox(decode.init_cache(self.model, self.slots, self.cache_len))
     self._fail_all("cancelled", None)
+
+  def step(self) -> None:
+    """One turn of the loop: drop cancelled requests, admit waiting ones to free slots, run
+    the prefill calls, then one decode call. `start()` runs it on the engine's thread; a test
+    or a simulation (bench_serve's --simulate) may call it on an engine it did not start."""
+    self._drop_cancelled()
+    self._admit()
+    self._prefill()
+    self._decode()
 
   def _fail_all(self, reason: str, error: str | None) -> None:
     with self._cond:
@@ -588,10 +609,11 @@ class Engine:
   def _prefill(self) -> None:
     """The waiting prompts' chunks, oldest first, up to prefill_rows slots a call (those whose
     next chunk has the oldest's size), until none is left or, while others decode, the step's
-    prefill_budget is spent."""
+    prefill_budget is spent; requests that arrived meanwhile are admitted before each call."""
     budget = self.prefill_budget if any(s is not None and s.decoding for s in self._active) else None
     spent = 0
     while budget is None or spent < budget:
+      self._admit()                    # requests that came during the last call join this step
       waiting = sorted((s.handle.id, i) for i, s in enumerate(self._active)
                        if s is not None and not s.decoding)
       if not waiting:
@@ -659,9 +681,12 @@ class Engine:
     if not active.any():
       return
     k = self._steps_now(active)
-    self.cache, toks = _decode_jit(self.model, self.params, self.cache, self._tok, active,
-                                   self._temp, self._top_k, self._top_p, self._seed, self._step,
-                                   k=k)
+    need = max(self._active[i].fed for i in np.flatnonzero(active)) + k   # slots read, at most
+    span = next((n for n in self.spans if n >= need), self.cache_len)
+    self.stats["decode_span_slots"] += span
+    self.cache, toks = _decode_jit(self._span_models[span], self.params, self.cache, self._tok,
+                                   active, self._temp, self._top_k, self._top_p, self._seed,
+                                   self._step, k=k)
     toks = self._wait(toks)
     self.stats["decode_calls"] += 1
     self.stats["decode_steps"] += k

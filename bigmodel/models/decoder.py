@@ -19,7 +19,6 @@ overwrites those slots; a finished row given segment 0 stays where it is.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import Mesh

@@ -195,7 +195,8 @@ class Attention(nn.Module):
     return q, kv[0], kv[1]
 
   def _cached(self, key, value, mask, positions, axes=BSHK):
-    """(keys, values, mask) over the whole cache after writing this call's keys and values.
+    """(keys, values, mask) over the cache after writing this call's keys and values: all of
+    it, or its first ModelConfig.decode_span slots (the caller knows no query sees past them).
 
     The init call only makes the (zero) cache, at the length of its input, and attends as
     usual. RoPE is already applied: the cache holds rotated keys, of the g key/value heads."""
@@ -210,9 +211,10 @@ class Attention(nn.Module):
     start = positions[:, 0]
     cached_key.value = constrain(write_rows(cached_key.value, key, start), axes, self.mesh)
     cached_value.value = constrain(write_rows(cached_value.value, value, start), axes, self.mesh)
-    slots = jnp.arange(cached_key.value.shape[1])
+    span = min(self.cfg.decode_span or cached_key.value.shape[1], cached_key.value.shape[1])
+    slots = jnp.arange(span)          # the first `span` slots hold every key a query here sees
     mask = slots[None, None, None, :] <= positions[:, None, :, None]            # b 1 s t
-    return cached_key.value, cached_value.value, mask
+    return cached_key.value[:, :span], cached_value.value[:, :span], mask
 
 
 class Mlp(nn.Module):

@@ -29,7 +29,6 @@ the plain model's tree (see bigmodel/interop/lora_workdir.py for `bigmodel lora 
 
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp

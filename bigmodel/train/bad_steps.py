@@ -101,7 +101,7 @@ def make_optimizer(exp: Experiment):
   """(tx, lr schedule): OptimConfig's chain inside the bad-step guard of TrainConfig
   (max_bad_steps 0: no guard, the optimizer state of checkpoints written before it). With
   ModelConfig.lora_rank the chain acts on the trainable leaves only (models/lora.py)."""
-  tx, lr = optim.make(exp.optim, exp.train.train_steps)
+  tx, lr = optim.make(exp.optim, exp.train.train_steps, exp.prune)
   if exp.model.lora_rank:       # LoRA: the chain sees the adapters alone, the base is frozen
     from bigmodel.models import lora
     tx = lora.freeze_base(tx)
