@@ -30,11 +30,14 @@ def _linear_grads_of(params, batch, rng):
   return jax.value_and_grad(f, has_aux=True)(params)
 
 
-def test_clipped_sum_clips_each_example_and_matches_optax():
+@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["vmap", "scan"])
+def test_clipped_sum_clips_each_example_and_matches_optax(one_at_a_time):
+  """Both ways of taking per-example gradients (vmap: TPU and GPU; a scan over the rows: CPU)."""
   x = jnp.array([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0], [6.0, 8.0]])   # norms 5, 0.5, 0, 10
   batch = {"x": x, "weights": jnp.array([1.0, 1.0, 1.0, 0.0])}       # the last row is padding
   params = {"w": jnp.zeros(2)}
-  clipped_sum = jax.jit(lambda p, b: dp.clipped_sum(_linear_grads_of, p, b, jax.random.key(0), 1.0))
+  clipped_sum = jax.jit(lambda p, b: dp.clipped_sum(_linear_grads_of, p, b, jax.random.key(0), 1.0,
+                                                    one_at_a_time=one_at_a_time))
   (loss, aux), g, clipped = clipped_sum(params, batch)
   # [3,4] -> [0.6,0.8]; [0.3,0.4] kept; the padding row's gradient is exactly 0
   np.testing.assert_allclose(g["w"], [0.9, 1.2], rtol=1e-6)
@@ -85,26 +88,28 @@ def _batch(seed: int = 0, pad: int = 3) -> dict:
           "labels": rng.integers(0, 3, 16).astype(np.int32), "weights": weights}
 
 
-def _two_steps(mesh_cfg: MeshConfig, microbatches: int, devices, noise: float):
+def _two_steps(mesh_cfg: MeshConfig, microbatches: int, devices, noise: float, vmap: bool = False):
   mesh = sharding.make_mesh(mesh_cfg, devices)
   model, tx = _Tiny(), optax.adam(1e-2)
   args = (jnp.zeros((16 // microbatches, 8), jnp.int32),)
   _, state_sh = state_lib.state_shardings(model, tx, args, mesh)
   state = state_lib.init_state(model, tx, args, mesh, jax.random.key(0))
   step = step_lib.make_train_step(model, tx, lambda s: 1e-2, _loss, mesh, state_sh,
-                                  microbatches=microbatches, seed=0, dp_clip=0.5, dp_noise=noise)
+                                  microbatches=microbatches, seed=0, dp_clip=0.5, dp_noise=noise,
+                                  dp_one_at_a_time=not vmap)
   for s in range(2):
     state, metrics = step(state, lm_data.to_global(_batch(s), sharding.batch_sharding(mesh)))
   return jax.device_get(state.params), jax.device_get(metrics)
 
 
-def test_dp_step_on_a_mesh_with_microbatches_equals_one_device():
+@pytest.mark.parametrize("vmap", [False, True], ids=["scan", "vmap"])
+def test_dp_step_on_a_mesh_with_microbatches_equals_one_device(vmap):
   """The clipped, noised update of a 2x2x2 (data, fsdp, tensor) mesh with 2 microbatches equals
   that of one device with one microbatch: per-example clipping is per example, the noise is
   drawn once per global batch from the step's key, the sum is divided by the batch size."""
   ref, m_ref = _two_steps(MeshConfig(), 1, jax.devices()[:1], noise=0.7)
   assert 0 < float(m_ref["dp_clipped_fraction"]) <= 1.0
-  got, m = _two_steps(MeshConfig(data=2, fsdp=2, tensor=2), 2, None, noise=0.7)
+  got, m = _two_steps(MeshConfig(data=2, fsdp=2, tensor=2), 2, None, noise=0.7, vmap=vmap)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
   assert float(m["dp_clipped_fraction"]) == pytest.approx(float(m_ref["dp_clipped_fraction"]))
