@@ -164,6 +164,10 @@ class OptimConfig:
   dp_delta: float = 0.0
   dp_sampling: str = "poisson"      # poisson (exact account) | shuffle (accounted as if Poisson)
   dp_accountant: str = "pld"        # pld | rdp (rdp: shuffle sampling only)
+  # Frozen params (bigmodel/train/frozen.py): regular expressions matched in full against
+  # '/'-joined param paths (e.g. 'embed/embedding'); those leaves get no gradient, no DP noise,
+  # no optimizer state and no update.
+  frozen_params: Sequence[str] = ()
 
 
 @gin.configurable

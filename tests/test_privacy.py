@@ -15,7 +15,7 @@ from bigmodel import sharding
 from bigmodel.config import ConfigError, DataConfig, MeshConfig, OptimConfig
 from bigmodel.data import lm as lm_data
 from bigmodel.objectives import classification
-from bigmodel.train import dp, state as state_lib, step as step_lib
+from bigmodel.train import dp, frozen, state as state_lib, step as step_lib
 
 
 # ----------------------------------------------------------------------------- clipping and noise
@@ -30,11 +30,14 @@ def _linear_grads_of(params, batch, rng):
   return jax.value_and_grad(f, has_aux=True)(params)
 
 
-def test_clipped_sum_clips_each_example_and_matches_optax():
+@pytest.mark.parametrize("one_at_a_time", [False, True], ids=["vmap", "scan"])
+def test_clipped_sum_clips_each_example_and_matches_optax(one_at_a_time):
+  """Both ways of taking per-example gradients (vmap: TPU and GPU; a scan over the rows: CPU)."""
   x = jnp.array([[3.0, 4.0], [0.3, 0.4], [0.0, 0.0], [6.0, 8.0]])   # norms 5, 0.5, 0, 10
   batch = {"x": x, "weights": jnp.array([1.0, 1.0, 1.0, 0.0])}       # the last row is padding
   params = {"w": jnp.zeros(2)}
-  clipped_sum = jax.jit(lambda p, b: dp.clipped_sum(_linear_grads_of, p, b, jax.random.key(0), 1.0))
+  clipped_sum = jax.jit(lambda p, b: dp.clipped_sum(_linear_grads_of, p, b, jax.random.key(0), 1.0,
+                                                    one_at_a_time=one_at_a_time))
   (loss, aux), g, clipped = clipped_sum(params, batch)
   # [3,4] -> [0.6,0.8]; [0.3,0.4] kept; the padding row's gradient is exactly 0
   np.testing.assert_allclose(g["w"], [0.9, 1.2], rtol=1e-6)
@@ -85,26 +88,28 @@ def _batch(seed: int = 0, pad: int = 3) -> dict:
           "labels": rng.integers(0, 3, 16).astype(np.int32), "weights": weights}
 
 
-def _two_steps(mesh_cfg: MeshConfig, microbatches: int, devices, noise: float):
+def _two_steps(mesh_cfg: MeshConfig, microbatches: int, devices, noise: float, vmap: bool = False):
   mesh = sharding.make_mesh(mesh_cfg, devices)
   model, tx = _Tiny(), optax.adam(1e-2)
   args = (jnp.zeros((16 // microbatches, 8), jnp.int32),)
   _, state_sh = state_lib.state_shardings(model, tx, args, mesh)
   state = state_lib.init_state(model, tx, args, mesh, jax.random.key(0))
   step = step_lib.make_train_step(model, tx, lambda s: 1e-2, _loss, mesh, state_sh,
-                                  microbatches=microbatches, seed=0, dp_clip=0.5, dp_noise=noise)
+                                  microbatches=microbatches, seed=0, dp_clip=0.5, dp_noise=noise,
+                                  dp_one_at_a_time=not vmap)
   for s in range(2):
     state, metrics = step(state, lm_data.to_global(_batch(s), sharding.batch_sharding(mesh)))
   return jax.device_get(state.params), jax.device_get(metrics)
 
 
-def test_dp_step_on_a_mesh_with_microbatches_equals_one_device():
+@pytest.mark.parametrize("vmap", [False, True], ids=["scan", "vmap"])
+def test_dp_step_on_a_mesh_with_microbatches_equals_one_device(vmap):
   """The clipped, noised update of a 2x2x2 (data, fsdp, tensor) mesh with 2 microbatches equals
   that of one device with one microbatch: per-example clipping is per example, the noise is
   drawn once per global batch from the step's key, the sum is divided by the batch size."""
   ref, m_ref = _two_steps(MeshConfig(), 1, jax.devices()[:1], noise=0.7)
   assert 0 < float(m_ref["dp_clipped_fraction"]) <= 1.0
-  got, m = _two_steps(MeshConfig(data=2, fsdp=2, tensor=2), 2, None, noise=0.7)
+  got, m = _two_steps(MeshConfig(data=2, fsdp=2, tensor=2), 2, None, noise=0.7, vmap=vmap)
   for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
   assert float(m["dp_clipped_fraction"]) == pytest.approx(float(m_ref["dp_clipped_fraction"]))
@@ -112,6 +117,41 @@ def test_dp_step_on_a_mesh_with_microbatches_equals_one_device():
   # the noise is in the update: N(0, (0.7 * 0.5 / 16)^2) on ~1.6k coordinates has norm ~0.9,
   # above the clipped mean's bound 0.5 * 13/16
   assert float(m_ref["grad_norm"]) > 0.5
+
+
+def _frozen_step(pattern: tuple, dp_clip: float):
+  """One step of _Tiny with Adam on one device, `pattern` frozen: (params before, after, state)."""
+  mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
+  model, tx = _Tiny(), frozen.freeze(optax.adam(1e-2), pattern)
+  args = (jnp.zeros((16, 8), jnp.int32),)
+  _, state_sh = state_lib.state_shardings(model, tx, args, mesh)
+  state = state_lib.init_state(model, tx, args, mesh, jax.random.key(0))
+  before = jax.device_get(state.params)
+  step = step_lib.make_train_step(model, tx, lambda s: 1e-2, _loss, mesh, state_sh, seed=0,
+                                  dp_clip=dp_clip, dp_noise=0.7 if dp_clip else 0.0,
+                                  frozen=pattern)
+  state, _ = step(state, lm_data.to_global(_batch(0), sharding.batch_sharding(mesh)))
+  return before, jax.device_get(state.params), state.opt_state
+
+
+@pytest.mark.parametrize("dp_clip", [0.0, 0.5])
+def test_frozen_params_get_no_gradient_noise_state_or_update(dp_clip):
+  """OptimConfig.frozen_params: the frozen table is exactly unchanged (no update, no DP noise),
+  the optimizer keeps no moments for it, every other leaf trains; without DP the other leaves'
+  updates are those of the unfrozen run (freezing changes no other gradient)."""
+  pattern = ("Embed_0/embedding",)
+  before, after, opt_state = _frozen_step(pattern, dp_clip)
+  np.testing.assert_array_equal(after["Embed_0"]["embedding"], before["Embed_0"]["embedding"])
+  for name in ("Dense_0", "Dense_1"):
+    assert not np.allclose(after[name]["kernel"], before[name]["kernel"])
+  trained = sum(x.size for x in jax.tree.leaves(frozen.trainable(before, pattern)))
+  assert sum(x.size for x in jax.tree.leaves(opt_state)) == 2 * trained + 1   # mu, nu, count
+  if not dp_clip:
+    _, ref, _ = _frozen_step((), 0.0)          # nothing frozen
+    for name in ("Dense_0", "Dense_1"):
+      np.testing.assert_allclose(after[name]["kernel"], ref[name]["kernel"], rtol=1e-5, atol=1e-7)
+  with pytest.raises(ConfigError, match="matches no parameter path"):
+    frozen.check(before, ("embed/embedding",))
 
 
 # ----------------------------------------------------------------------------- accounting

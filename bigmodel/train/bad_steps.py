@@ -105,6 +105,9 @@ def make_optimizer(exp: Experiment):
   if exp.model.lora_rank:       # LoRA: the chain sees the adapters alone, the base is frozen
     from bigmodel.models import lora
     tx = lora.freeze_base(tx)
+  if exp.optim.frozen_params:   # OptimConfig.frozen_params: no state, zero update (train/frozen.py)
+    from bigmodel.train import frozen
+    tx = frozen.freeze(tx, tuple(exp.optim.frozen_params))
   tc = exp.train
   if tc.max_bad_steps < 0:
     raise ConfigError(f"TrainConfig.max_bad_steps={tc.max_bad_steps}: use at least 1 (0: no guard)")

@@ -92,12 +92,15 @@ def clip_by_norm(grads, clip: float):
   return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads), norm
 
 
-def clipped_sum(grads_of, params, batch: dict, rng, clip: float):
+def clipped_sum(grads_of, params, batch: dict, rng, clip: float, *, one_at_a_time: bool = False):
   """((summed loss, aux sums), sum of clipped per-example gradients, count of clipped rows).
 
   `grads_of(params, batch, rng)` -> ((loss_sum, aux), grads) of a batch; here it sees one
-  example at a time, under vmap over the batch. Each example's dropout key is folded from `rng`
-  and its row index."""
+  example at a time: under vmap over the batch (the batch dim stays sharded; the accelerator
+  path), or with `one_at_a_time` in a scan over the rows that adds each clipped gradient to
+  one running sum (the XLA:CPU path: vmap makes every weight gradient a batched matmul, which
+  XLA:CPU runs several times slower than the one example's plain matmuls, and holds b gradient
+  trees). Each example's dropout key is folded from `rng` and its row index."""
   b = jax.tree.leaves(batch)[0].shape[0]
 
   def one(example, i):
@@ -106,9 +109,22 @@ def clipped_sum(grads_of, params, batch: dict, rng, clip: float):
     g, norm = clip_by_norm(g, clip)
     return (loss, aux), g, (norm > clip).astype(jnp.float32)
 
+  if one_at_a_time:
+    def body(carry, xs):
+      return jax.tree.map(jnp.add, carry, one(*xs)), None
+    first = jax.tree.map(lambda x: x[0], batch)
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, first, 0))
+    out, _ = jax.lax.scan(body, init, (batch, jnp.arange(b)))
+    return out
   (loss, aux), g, clipped = jax.vmap(one)(batch, jnp.arange(b))
   total = lambda x: jnp.sum(x, axis=0)
   return jax.tree.map(total, (loss, aux)), jax.tree.map(total, g), jnp.sum(clipped)
+
+
+def per_example_on_cpu(mesh) -> bool:
+  """Whether the DP step takes its per-example gradients one at a time (XLA:CPU) rather than
+  under vmap (TPU, GPU): see `clipped_sum`."""
+  return mesh.devices.flat[0].platform == "cpu"
 
 
 def noise_key(seed: int, step):

@@ -20,6 +20,7 @@ from bigmodel.data import lm as lm_data
 from bigmodel.data import tokenizers
 from bigmodel.models import lora
 from bigmodel.train import bad_steps, checkpoint, dp, preemption, state as state_lib, step as step_lib
+from bigmodel.train import frozen
 from bigmodel.train import hooks as hooks_lib
 from bigmodel.train.metrics import MetricWriter
 
@@ -54,6 +55,8 @@ class Components:
     micro = exp.train.batch_size // exp.train.microbatches
     example = objective.example_batch(micro, exp.data.seq_len)
     abstract, state_sh = state_lib.state_shardings(model, tx, objective.model_args(example), mesh)
+    if exp.optim.frozen_params:                 # OptimConfig.frozen_params (train/frozen.py)
+      log.info("frozen params: %s", ", ".join(frozen.check(abstract.params, exp.optim.frozen_params)))
     return cls(exp, mesh, model, objective, tx, lr, example, abstract, state_sh)
 
   def init_state(self, rng):
@@ -77,7 +80,8 @@ class Components:
                                     self.state_sh, microbatches=self.exp.train.microbatches,
                                     seed=self.exp.train.seed,
                                     dp_clip=self.exp.optim.dp_l2_clip if self.dp else 0.0,
-                                    dp_noise=self.dp.noise_multiplier if self.dp else 0.0)
+                                    dp_noise=self.dp.noise_multiplier if self.dp else 0.0,
+                                    frozen=tuple(self.exp.optim.frozen_params))
 
   def eval_step(self):
     return step_lib.make_eval_step(self.model, self.objective.loss_fn, self.mesh, self.state_sh.params,

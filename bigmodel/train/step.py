@@ -10,7 +10,7 @@ import optax
 
 from bigmodel import sharding
 from bigmodel.models import lora
-from bigmodel.train import bad_steps, dp
+from bigmodel.train import bad_steps, dp, frozen as frozen_lib
 from bigmodel.train.state import TrainState
 
 
@@ -25,7 +25,8 @@ def _split_microbatches(batch: dict, k: int) -> dict:
 
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     loss_fn: Callable, mesh, state_sh, *, microbatches: int = 1,
-                    seed: int = 0, dp_clip: float = 0.0, dp_noise: float = 0.0) -> Callable:
+                    seed: int = 0, dp_clip: float = 0.0, dp_noise: float = 0.0,
+                    frozen: tuple[str, ...] = (), dp_one_at_a_time: bool | None = None) -> Callable:
   """(state, batch) -> (state, metrics). `loss_fn(model, params, batch, deterministic, rngs)`
   returns (summed loss, aux with a summed `weight`); the step divides by the total weight,
   so k microbatches give the same update as one k-times-larger batch. With a bad-step guard
@@ -34,18 +35,27 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
 
   With `dp_clip` > 0 (DP-SGD, train/dp.py) the gradient is instead the sum of per-example
   gradients clipped to `dp_clip`, plus N(0, (dp_noise * dp_clip)^2) noise drawn once per global
-  batch, over the batch size; the guard then sees no loss (no data-dependent spike test)."""
+  batch, over the batch size; the guard then sees no loss (no data-dependent spike test). The
+  per-example gradients are taken under vmap, or on XLA:CPU one example at a time
+  (`dp_one_at_a_time`, default by the mesh's backend; dp.clipped_sum says why).
+
+  `frozen` (OptimConfig.frozen_params, train/frozen.py): the loss is differentiated with respect
+  to the other leaves only (no gradient, no noise for the frozen ones; `tx` zeroes their update)."""
 
   def grads_of(params, batch, rng):
-    def f(p):
+    def f(trained):
+      p = frozen_lib.fill(params, trained, lambda leaf: leaf) if frozen else trained
       p = lora.stop_frozen_gradients(p, getattr(model, "cfg", None))   # LoRA: no base gradients
       return loss_fn(model, p, batch, deterministic=False, rngs={"dropout": rng})
-    return jax.value_and_grad(f, has_aux=True)(params)
+    return jax.value_and_grad(f, has_aux=True)(
+        frozen_lib.trainable(params, frozen) if frozen else params)
+
+  one_at_a_time = dp.per_example_on_cpu(mesh) if dp_one_at_a_time is None else dp_one_at_a_time
 
   def batch_grads(params, batch, rng):
     """((loss_sum, aux), gradient sum[, clipped rows]) of a (micro)batch."""
     if dp_clip > 0:
-      return dp.clipped_sum(grads_of, params, batch, rng, dp_clip)
+      return dp.clipped_sum(grads_of, params, batch, rng, dp_clip, one_at_a_time=one_at_a_time)
     return grads_of(params, batch, rng)
 
   def step(state: TrainState, batch: dict):
@@ -73,6 +83,8 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
       extra = {"dp_clipped_fraction": out[2] / weight}
     else:
       grads = jax.tree.map(lambda g: g / weight, grads)
+    if frozen:
+      grads = frozen_lib.fill(state.params, grads)    # zeros where frozen: `tx` drops them
     if bad_steps.is_guarded(state.opt_state):
       value = jnp.zeros((), jnp.float32) if dp_clip > 0 else loss
       updates, opt_state = tx.update(grads, state.opt_state, state.params, value=value)
