@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel.config import ConfigError, OptimConfig
+from bigmodel.train import accumulate
 
 
 def _dp_accounting():
@@ -110,12 +111,7 @@ def clipped_sum(grads_of, params, batch: dict, rng, clip: float, *, one_at_a_tim
     return (loss, aux), g, (norm > clip).astype(jnp.float32)
 
   if one_at_a_time:
-    def body(carry, xs):
-      return jax.tree.map(jnp.add, carry, one(*xs)), None
-    first = jax.tree.map(lambda x: x[0], batch)
-    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(one, first, 0))
-    out, _ = jax.lax.scan(body, init, (batch, jnp.arange(b)))
-    return out
+    return accumulate.scan_sum(lambda x: one(*x), (batch, jnp.arange(b)))
   (loss, aux), g, clipped = jax.vmap(one)(batch, jnp.arange(b))
   total = lambda x: jnp.sum(x, axis=0)
   return jax.tree.map(total, (loss, aux)), jax.tree.map(total, g), jnp.sum(clipped)

@@ -10,7 +10,7 @@ import optax
 
 from bigmodel import sharding
 from bigmodel.models import lora
-from bigmodel.train import bad_steps, dp, frozen as frozen_lib
+from bigmodel.train import accumulate, bad_steps, dp, frozen as frozen_lib
 from bigmodel.train.state import TrainState
 
 
@@ -64,14 +64,9 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
       out = batch_grads(state.params, batch, rng)
     else:
       micro = _split_microbatches(batch, microbatches)
-
-      def body(carry, xs):
-        i, mb = xs
-        return jax.tree.map(jnp.add, carry, batch_grads(state.params, mb, jax.random.fold_in(rng, i))), None
-
-      zeros = jax.eval_shape(lambda: batch_grads(state.params, jax.tree.map(lambda x: x[0], micro), rng))
-      init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-      out, _ = jax.lax.scan(body, init, (jnp.arange(microbatches), micro))
+      out = accumulate.scan_sum(
+          lambda x: batch_grads(state.params, x[1], jax.random.fold_in(rng, x[0])),
+          (jnp.arange(microbatches), micro))
     (loss_sum, aux), grads = out[:2]
     weight = jnp.maximum(aux["weight"], 1.0)
     loss = loss_sum / weight
@@ -119,12 +114,7 @@ def make_eval_step(model, loss_fn: Callable, mesh, params_sh, *, microbatches: i
   def step(params, batch):
     if microbatches == 1:
       return sums(params, batch)
-    micro = _split_microbatches(batch, microbatches)
-    zeros = jax.eval_shape(lambda: sums(params, jax.tree.map(lambda x: x[0], micro)))
-    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-    total, _ = jax.lax.scan(lambda c, mb: (jax.tree.map(jnp.add, c, sums(params, mb)), None),
-                            init, micro)
-    return total
+    return accumulate.scan_sum(lambda mb: sums(params, mb), _split_microbatches(batch, microbatches))
 
   return jax.jit(step, in_shardings=(params_sh, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh))
