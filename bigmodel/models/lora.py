@@ -119,22 +119,23 @@ def without_adapters(params) -> dict:
   return out
 
 
-def _fill(full, part, fill):
-  """`full`'s tree with `part`'s leaves where `part` has them, else `fill(leaf)`."""
+def fill(full, part, fill_leaf=jnp.zeros_like):
+  """`full`'s tree with `part`'s leaves where `part` has them, else `fill_leaf(leaf)` (`part`: a
+  sub-tree of `full`, as `trainable` gives; train/frozen.py uses it too)."""
   out = {}
   for key, value in full.items():
     if key in part and not hasattr(part[key], "items"):
       out[key] = part[key]
     elif hasattr(value, "items"):
-      out[key] = _fill(value, part.get(key, {}), fill)
+      out[key] = fill(value, part.get(key, {}), fill_leaf)
     else:
-      out[key] = fill(value)
+      out[key] = fill_leaf(value)
   return out
 
 
 def overlay(full, part) -> dict:
   """`full`'s tree with `part`'s leaves wherever `part` has them."""
-  return _fill(full, part, lambda leaf: leaf)
+  return fill(full, part, lambda leaf: leaf)
 
 
 def stop_frozen_gradients(params, cfg):
@@ -142,20 +143,27 @@ def stop_frozen_gradients(params, cfg):
   then computes gradients for the trained leaves only."""
   if not cfg or not getattr(cfg, "lora_rank", 0):
     return params
-  return _fill(params, trainable(params), jax.lax.stop_gradient)
+  return fill(params, trainable(params), jax.lax.stop_gradient)
 
 
 def freeze_base(inner: optax.GradientTransformation) -> optax.GradientTransformation:
   """`inner` on the trainable leaves only (its state holds nothing for the frozen ones); the
   frozen leaves' updates are zeros."""
+  return freeze(inner, trainable)
+
+
+def freeze(inner: optax.GradientTransformation, select) -> optax.GradientTransformation:
+  """`inner` on the sub-tree `select(tree)` of the params (and of the gradients) only: its
+  state holds nothing for the other leaves, whose updates are zeros (LoRA's base here,
+  OptimConfig.frozen_params in train/frozen.py)."""
 
   def init(params):
-    return inner.init(trainable(params))
+    return inner.init(select(params))
 
   def update(grads, state, params=None):
-    sub_params = None if params is None else trainable(params)
-    updates, state = inner.update(trainable(grads), state, sub_params)
-    return _fill(grads, updates, jnp.zeros_like), state
+    sub_params = None if params is None else select(params)
+    updates, state = inner.update(select(grads), state, sub_params)
+    return fill(grads, updates), state
 
   return optax.GradientTransformation(init, update)
 

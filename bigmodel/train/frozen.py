@@ -17,10 +17,10 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-import jax.numpy as jnp
 import optax
 
 from bigmodel.config import ConfigError
+from bigmodel.models import lora
 
 
 def _is_node(value) -> bool:
@@ -36,7 +36,7 @@ def _matcher(patterns: Sequence[str]):
   return lambda path: any(c.fullmatch(path) for c in compiled)
 
 
-def trainable(tree, patterns: Sequence[str], prefix: str = "") -> dict:
+def trainable(tree, patterns: Sequence[str]) -> dict:
   """The sub-tree (nested dicts) of the leaves no pattern matches, empty dicts dropped."""
   frozen = _matcher(patterns)
   def select(node, prefix):
@@ -50,34 +50,22 @@ def trainable(tree, patterns: Sequence[str], prefix: str = "") -> dict:
       elif not frozen(path):
         out[key] = value
     return out
-  return select(tree, prefix)
+  return select(tree, "")
+
+
+def _paths(tree, prefix: str = "") -> list[str]:
+  """The '/'-joined paths of the tree's leaves, in its order."""
+  out = []
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    out.extend(_paths(value, path + "/") if _is_node(value) else [path])
+  return out
 
 
 def frozen_paths(tree, patterns: Sequence[str]) -> list[str]:
   """The '/'-joined paths of the leaves the patterns freeze."""
-  frozen, out = _matcher(patterns), []
-  def walk(node, prefix):
-    for key, value in node.items():
-      path = f"{prefix}{key}"
-      if _is_node(value):
-        walk(value, path + "/")
-      elif frozen(path):
-        out.append(path)
-  walk(tree, "")
-  return out
-
-
-def fill(full, part, fill_leaf=jnp.zeros_like) -> dict:
-  """`full`'s tree with `part`'s leaves where `part` has them, else `fill_leaf(full's leaf)`."""
-  out = {}
-  for key, value in full.items():
-    if key in part and not _is_node(part[key]):
-      out[key] = part[key]
-    elif _is_node(value):
-      out[key] = fill(value, part.get(key, {}), fill_leaf)
-    else:
-      out[key] = fill_leaf(value)
-  return out
+  frozen = _matcher(patterns)
+  return [p for p in _paths(tree) if frozen(p)]
 
 
 def check(params, patterns: Sequence[str]) -> list[str]:
@@ -87,35 +75,13 @@ def check(params, patterns: Sequence[str]) -> list[str]:
   for p in patterns:
     if not frozen_paths(params, [p]):
       raise ConfigError(f"OptimConfig.frozen_params: {p!r} matches no parameter path; paths look "
-                        f"like {_some_paths(params)} (a regular expression matched in full)")
+                        f"like {_paths(params)[:4]} (a regular expression matched in full)")
   if not trainable(params, patterns):
     raise ConfigError(f"OptimConfig.frozen_params={tuple(patterns)!r} freezes every parameter")
   return frozen_paths(params, patterns)
 
 
-def _some_paths(params, n: int = 4) -> list[str]:
-  out = []
-  def walk(node, prefix):
-    for key, value in node.items():
-      if len(out) >= n:
-        return
-      if _is_node(value):
-        walk(value, f"{prefix}{key}/")
-      else:
-        out.append(f"{prefix}{key}")
-  walk(params, "")
-  return out
-
-
 def freeze(inner: optax.GradientTransformation, patterns: Sequence[str]):
   """`inner` on the unfrozen leaves only (its state holds nothing for the frozen ones); the
-  frozen leaves' updates are zeros."""
-  def init(params):
-    return inner.init(trainable(params, patterns))
-
-  def update(grads, state, params=None):
-    sub_params = None if params is None else trainable(params, patterns)
-    updates, state = inner.update(trainable(grads, patterns), state, sub_params)
-    return fill(grads, updates), state
-
-  return optax.GradientTransformation(init, update)
+  frozen leaves' updates are zeros (the mechanism of LoRA's frozen base, lora.freeze)."""
+  return lora.freeze(inner, lambda tree: trainable(tree, patterns))

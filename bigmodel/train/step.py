@@ -44,7 +44,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
 
   def grads_of(params, batch, rng):
     def f(trained):
-      p = frozen_lib.fill(params, trained, lambda leaf: leaf) if frozen else trained
+      p = lora.overlay(params, trained) if frozen else trained
       p = lora.stop_frozen_gradients(p, getattr(model, "cfg", None))   # LoRA: no base gradients
       return loss_fn(model, p, batch, deterministic=False, rngs={"dropout": rng})
     return jax.value_and_grad(f, has_aux=True)(
@@ -79,7 +79,7 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
     else:
       grads = jax.tree.map(lambda g: g / weight, grads)
     if frozen:
-      grads = frozen_lib.fill(state.params, grads)    # zeros where frozen: `tx` drops them
+      grads = lora.fill(state.params, grads)    # zeros where frozen: `tx` drops them
     if bad_steps.is_guarded(state.opt_state):
       value = jnp.zeros((), jnp.float32) if dp_clip > 0 else loss
       updates, opt_state = tx.update(grads, state.opt_state, state.params, value=value)
