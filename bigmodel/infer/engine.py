@@ -401,11 +401,12 @@ class Engine:
     self.cache = nn.meta.unbox(decode.init_cache(model, slots, self.cache_len))
     # decode calls attend to the first `span` cache slots, the smallest that holds every row:
     # the cache length, its half, its quarter ... (decode_spans of them, whole pages)
-    spans = {max(-(-self.cache_len // 2**i // page) * page, page) for i in range(decode_spans)}
-    self.spans = tuple(sorted(spans | {self.cache_len}))
-    self._span_models = {n: model.clone(cfg=dataclasses.replace(model.cfg, decode_span=n))
-                         for n in self.spans if n < self.cache_len}
-    self._span_models[self.cache_len] = model
+    # (i = 0 gives the cache length itself: that span is the model as it is)
+    self.spans = tuple(sorted({max(-(-self.cache_len // 2**i // page) * page, page)
+                               for i in range(decode_spans)}))
+    self._span_models = {n: model if n == self.cache_len else
+                         model.clone(cfg=dataclasses.replace(model.cfg, decode_span=n))
+                         for n in self.spans}
     self.store = PrefixStore(int(prefix_cache_mb * 2**20), page)
     kv = [a for p, a in jax.tree_util.tree_leaves_with_path(self.cache) if not _is_index(p)]
     self.store.page_bytes = sum(a.dtype.itemsize * a[0, :page].size for a in kv)
@@ -546,7 +547,7 @@ class Engine:
   def step(self) -> None:
     """One turn of the loop: drop cancelled requests, admit waiting ones to free slots, run
     the prefill calls, then one decode call. `start()` runs it on the engine's thread; a test
-    or a simulation (bench_serve's --simulate) may call it on an engine it did not start."""
+    or a simulation (bigmodel.infer.sim_serve) may call it on an engine it did not start."""
     self._drop_cancelled()
     self._admit()
     self._prefill()

@@ -10,7 +10,7 @@ steps a call) drives stand-ins for its jitted calls that return token 0 and move
 by a cost model instead of computing: a prefill call costs step_ms + rows x chunk x token_ms
 (padding runs too), a decode step step_ms + rows x row_ms, a call of k steps k of those (`--cost
 max`: max(step_ms, tokens x ms) instead, a compute-bound model). The defaults are GPT-2 small in
-float32 on this 2-core CPU as bench_serve saw it at load 18 (serve2's notes), scaled to ~100 ms
+float32 on this 2-core CPU as bench_serve saw it at load 18 (README "Serving"), scaled to ~100 ms
 a weight read: a 1x64 prefill call took about one decode step (TTFT p50 0.76 s against 0.89 s a
 token at 1 client), 8 decoding rows ~1.18x one row; a guess, not a measurement of the costs one
 by one. Clients are closed-loop as in bench_serve (the same requests: prompt lengths and new-
