@@ -127,6 +127,12 @@ def noise_key(seed: int, step):
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), NOISE_SALT), step)
 
 
+def noised_mean(grad_sum, rows: int, key, std: float):
+  """(grad_sum + N(0, std^2) on every coordinate) / rows: the DP-SGD gradient of a batch of
+  `rows` (padding rows included: a constant, so the division reveals nothing)."""
+  return jax.tree.map(lambda g: g / rows, add_noise(grad_sum, key, std))
+
+
 def add_noise(grad_sum, key, std: float):
   """grad_sum + N(0, std^2) on every coordinate, one subkey per leaf (in tree order)."""
   leaves, treedef = jax.tree.flatten(grad_sum)

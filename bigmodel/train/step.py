@@ -23,6 +23,15 @@ def _split_microbatches(batch: dict, k: int) -> dict:
   return jax.tree.map(split, batch)
 
 
+def _over_microbatches(batch_grads, params, batch: dict, rng, microbatches: int):
+  """`batch_grads(params, microbatch, key)` summed over the batch's microbatches, microbatch i
+  with the key fold_in(rng, i) (the whole batch with `rng` when there is one)."""
+  if microbatches == 1:
+    return batch_grads(params, batch, rng)
+  return accumulate.scan_sum(lambda x: batch_grads(params, x[1], jax.random.fold_in(rng, x[0])),
+                             (jnp.arange(microbatches), _split_microbatches(batch, microbatches)))
+
+
 def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
                     loss_fn: Callable, mesh, state_sh, *, microbatches: int = 1,
                     seed: int = 0, dp_clip: float = 0.0, dp_noise: float = 0.0,
@@ -60,21 +69,14 @@ def make_train_step(model, tx: optax.GradientTransformation, lr_schedule: optax.
 
   def step(state: TrainState, batch: dict):
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
-    if microbatches == 1:
-      out = batch_grads(state.params, batch, rng)
-    else:
-      micro = _split_microbatches(batch, microbatches)
-      out = accumulate.scan_sum(
-          lambda x: batch_grads(state.params, x[1], jax.random.fold_in(rng, x[0])),
-          (jnp.arange(microbatches), micro))
+    out = _over_microbatches(batch_grads, state.params, batch, rng, microbatches)
     (loss_sum, aux), grads = out[:2]
     weight = jnp.maximum(aux["weight"], 1.0)
     loss = loss_sum / weight
     extra = {}
     if dp_clip > 0:
-      rows = jax.tree.leaves(batch)[0].shape[0]
-      grads = dp.add_noise(grads, dp.noise_key(seed, state.step), dp_noise * dp_clip)
-      grads = jax.tree.map(lambda g: g / rows, grads)
+      grads = dp.noised_mean(grads, jax.tree.leaves(batch)[0].shape[0],
+                             dp.noise_key(seed, state.step), dp_noise * dp_clip)
       extra = {"dp_clipped_fraction": out[2] / weight}
     else:
       grads = jax.tree.map(lambda g: g / weight, grads)
