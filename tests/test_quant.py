@@ -48,6 +48,49 @@ def test_encoder_classifier_int8_agrees_with_float():
     assert not any("s8" in k for k in dots if k != "s32<-s8,s8"), dots
 
 
+def test_dynamic_int8_dots_keep_the_activation_first_and_equal_qwix_einsum():
+  """quant._einsum_in_order: one dot_general per weight matmul with the activation as its
+  first operand (qwix's opt_einsum plan puts the weight first, which XLA:CPU runs ~50x slower
+  at MiniLM's shapes), and the same numbers as qwix's einsum."""
+  model = models.build("encoder_classifier", ModelConfig(**TINY), num_classes=3)
+  ids = jax.random.randint(jax.random.key(1), (8, 16), 1, 64)
+  args = (ids, jnp.zeros_like(ids), jnp.ones_like(ids))
+  params = model.init(jax.random.key(0), *args)["params"]
+  qmodel, qparams = _quantized(model, params, args, "dynamic")
+  fn = jax.jit(lambda p: qmodel.apply({"params": p}, *args))
+  text = fn.lower(qparams).as_text()
+  int8_dots = [line for line in text.splitlines()
+               if "stablehlo.dot_general" in line and "xi8>, tensor<" in line]
+  # qkv, out, wi, wo (the scanned layer body), the pooler and the classifier
+  assert len(int8_dots) == 6, int8_dots
+  for line in int8_dots:                           # (tensor<8x...xi8>, weight) -> 8x...
+    operands, result = line.split(": (")[1].split(") -> ")
+    assert operands.startswith("tensor<8x") and result.startswith("tensor<8x"), line
+  # one einsum: the same numbers as qwix's (the whole model differs where a ulp moves an
+  # activation across an int8 rounding boundary in the next layer)
+  from qwix._src.core import einsum as qeinsum, qarray
+  keys = iter(jax.random.split(jax.random.key(2), 16))
+  def q(shape, channels):
+    x = jax.random.normal(next(keys), shape)
+    how = qarray.HowToQuantize(qtype=jnp.int8, channelwise_axes=channels, tiled_axes={})
+    return qarray.quantize(x, how)
+  for eq, xs, ws, wch in [("bsd,dnhk->bsnhk", (8, 16, 32), (32, 3, 2, 16), [1, 2, 3]),
+                          ("bshk,hkd->bsd", (8, 16, 2, 16), (2, 16, 32), [2]),
+                          ("...d,df->...f", (8, 32), (32, 3), [1]),
+                          # one row (batch-1 decode): computed on two rows on CPU, one kept
+                          ("bsd,dnhk->bsnhk", (1, 1, 32), (32, 3, 2, 16), [1, 2, 3]),
+                          ("...d,df->...f", (1, 32), (32, 3), [1])]:
+    x, w = q(xs, list(range(len(xs) - (2 if eq.startswith("bshk") else 1)))), q(ws, wch)
+    got = quant._einsum_in_order(eq, x, w)
+    assert quant._one_row_on_cpu(eq.replace("...", "b"), x) == (xs[0] == 1), eq
+    assert got.shape == qeinsum.einsum(eq, x, w).shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(qeinsum.einsum(eq, x, w)),
+                               rtol=1e-6, atol=1e-6)
+  ref = np.asarray(model.apply({"params": params}, *args))
+  got = np.asarray(fn(qparams))
+  assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
 @pytest.fixture(scope="module")
 def quantized_workdir(tmp_path_factory):
   base = tmp_path_factory.mktemp("quant")
