@@ -47,6 +47,7 @@ from qwix._src.utils import flax_util
 
 from bigmodel import storage
 from bigmodel.config import ConfigError
+from bigmodel.models import layers
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +84,15 @@ def _einsum_in_order(einsum_str: str, lhs, rhs):
     free = [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in einsum_str]
     lead = "".join(free[:len(lhs.shape) - len(a.replace("...", ""))])
     einsum_str = f"{a.replace('...', lead)},{b}->{out.replace('...', lead)}"
-  if isinstance(lhs, qarray.QArray) and _one_row_on_cpu(einsum_str, lhs):
-    return _two_rows(einsum_str, lhs, rhs)
-  return qeinsum._perform_binary_einsum(lhs, rhs, einsum_str, dot_general.dot_general,
-                                        preferred_element_type=None)
+  one_row = isinstance(lhs, qarray.QArray) and _one_row_on_cpu(einsum_str, lhs)
+  if one_row:       # the row twice (qvalue and its scale), the first copy of the result kept
+    twice = lambda x: jnp.concatenate([x, x], axis=0)
+    lhs = dataclasses.replace(lhs, qvalue=twice(lhs.qvalue), scale=twice(lhs.scale))
+  res = qeinsum._perform_binary_einsum(lhs, rhs, einsum_str, dot_general.dot_general,
+                                       preferred_element_type=None)
+  if one_row:
+    return jax.lax.slice_in_dim(res, 0, 1, axis=einsum_str.split("->")[1].index(einsum_str[0]))
+  return res
 
 
 def _one_row_on_cpu(einsum_str: str, lhs) -> bool:
@@ -94,17 +100,7 @@ def _one_row_on_cpu(einsum_str: str, lhs) -> bool:
   the generic loop at one row and takes at two (~5x faster at 768 x 3072)."""
   a, out = einsum_str.split(",")[0], einsum_str.split("->")[1]
   rows = [n for c, n in zip(a, lhs.shape) if c in out]
-  return (jax.default_backend() == "cpu" and a[0] in out and int(np.prod(rows)) == 1)
-
-
-def _two_rows(einsum_str: str, lhs, rhs):
-  """The einsum on lhs repeated twice along its first axis, first copy of the result kept."""
-  twice = lambda x: jnp.concatenate([x, x], axis=0)
-  lhs2 = dataclasses.replace(lhs, qvalue=twice(lhs.qvalue), scale=twice(lhs.scale))
-  res = qeinsum._perform_binary_einsum(lhs2, rhs, einsum_str, dot_general.dot_general,
-                                       preferred_element_type=None)
-  axis = einsum_str.split("->")[1].index(einsum_str[0])
-  return jax.lax.slice_in_dim(res, 0, 1, axis=axis)
+  return layers.on_cpu(None) and a[0] in out and int(np.prod(rows)) == 1
 
 
 class _Provider(qwix.PtqProvider):

@@ -81,11 +81,10 @@ def test_dynamic_int8_dots_keep_the_activation_first_and_equal_qwix_einsum():
                           ("bsd,dnhk->bsnhk", (1, 1, 32), (32, 3, 2, 16), [1, 2, 3]),
                           ("...d,df->...f", (1, 32), (32, 3), [1])]:
     x, w = q(xs, list(range(len(xs) - (2 if eq.startswith("bshk") else 1)))), q(ws, wch)
-    got = quant._einsum_in_order(eq, x, w)
+    got, want = quant._einsum_in_order(eq, x, w), qeinsum.einsum(eq, x, w)
     assert quant._one_row_on_cpu(eq.replace("...", "b"), x) == (xs[0] == 1), eq
-    assert got.shape == qeinsum.einsum(eq, x, w).shape
-    np.testing.assert_allclose(np.asarray(got), np.asarray(qeinsum.einsum(eq, x, w)),
-                               rtol=1e-6, atol=1e-6)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
   ref = np.asarray(model.apply({"params": params}, *args))
   got = np.asarray(fn(qparams))
   assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
