@@ -34,14 +34,15 @@ class Chip:
   bf16_peak_flops: float   # dense, per chip
   counts_cores: bool       # the slice suffix counts TensorCores (2 per chip), not chips
   dims: int                # torus dimensions (2D for v5e/v6e, 3D for v4/v5p)
-  chip_config: str         # one JAX device per chip (megacore on v4)
+  chip_config: str         # libtpu's chip configuration: megacore on v4 and v5p (one JAX device
+                           # per chip, its two TensorCores as one), default on v5e and v6e
   source: str
 
 
 CHIPS = {c.generation: c for c in (
     Chip("v4", "v4", 32 * GiB, 275e12, True, 3, "megacore", "https://cloud.google.com/tpu/docs/v4"),
     Chip("v5e", "v5e", 16 * GiB, 197e12, False, 2, "default", "https://cloud.google.com/tpu/docs/v5e"),
-    Chip("v5p", "v5p", 95 * GiB, 459e12, True, 3, "default", "https://cloud.google.com/tpu/docs/v5p"),
+    Chip("v5p", "v5p", 95 * GiB, 459e12, True, 3, "megacore", "https://cloud.google.com/tpu/docs/v5p"),
     Chip("v6e", "v6e", 32 * GiB, 918e12, False, 2, "default", "https://cloud.google.com/tpu/docs/v6e"),
 )}
 
@@ -63,6 +64,18 @@ class Topology:
   @property
   def libtpu_topology(self) -> str:
     return f"{self.chip.libtpu_name}:{'x'.join(map(str, self.shape))}"
+
+  @property
+  def wrap(self) -> tuple[bool, bool, bool]:
+    """Which axes of the slice close into a ring (wraparound ICI links): on v4 and v5p every
+    axis once the slice is whole 4x4x4 cubes (64 chips and up); on v5e and v6e an axis of 16
+    chips. Smaller slices are open meshes. The collectives the compiler picks depend on it (an
+    open 64-chip mesh gathers weights by all-reduce). As Cloud TPU's topology pages and
+    MaxText's accelerator_to_spec_map give them."""
+    if self.chip.dims == 3:
+      cube = all(d % 4 == 0 for d in self.shape)
+      return (cube, cube, cube)
+    return (self.shape[0] == 16, self.shape[1] == 16, False)
 
 
 def valid_names() -> list[str]:
@@ -90,7 +103,7 @@ def parse(name: str) -> Topology:
 
 
 @functools.lru_cache(maxsize=None)
-def _devices(libtpu_topology: str, chip_config: str) -> tuple:
+def _devices(libtpu_topology: str, chip_config: str, wrap: tuple[bool, bool, bool]) -> tuple:
   try:
     import libtpu  # noqa: F401  (the TPU compiler jax loads for a topology)
   except ImportError:
@@ -107,7 +120,8 @@ def _devices(libtpu_topology: str, chip_config: str) -> tuple:
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=libtpu_topology,
                                         chip_config_name=chip_config,
-                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1,
+                                        wrap=wrap)
   finally:
     for k, v in saved.items():
       if v is None:
@@ -119,7 +133,7 @@ def _devices(libtpu_topology: str, chip_config: str) -> tuple:
 
 def topology_devices(topo: Topology) -> list:
   """The slice's TPU devices (one per chip), for compiling only; jax's default backend is unchanged."""
-  devices = list(_devices(topo.libtpu_topology, topo.chip.chip_config))
+  devices = list(_devices(topo.libtpu_topology, topo.chip.chip_config, topo.wrap))
   if len(devices) != topo.chips:
     raise RuntimeError(f"libtpu gave {len(devices)} devices for {topo.libtpu_topology}, "
                        f"expected {topo.chips} (one per chip)")

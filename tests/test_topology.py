@@ -42,6 +42,43 @@ def test_topology_names():
   assert jax.default_backend() == "cpu"
 
 
+def test_slices_are_described_as_booked_torus_links_and_megacore():
+  """A slice's wraparound links and chip configuration, as Cloud TPU builds them: whole 4x4x4
+  cubes of v4/v5p are 3D tori, v5e/v6e wrap an axis of 16 chips, smaller slices are open; v4
+  and v5p chips are megacore."""
+  assert topology.parse("v5p-128").wrap == (True, True, True)
+  assert topology.parse("v5p-1024").wrap == (True, True, True)
+  assert topology.parse("v5p-64").wrap == (False, False, False)        # 2x4x4
+  assert topology.parse("v4-32").wrap == (False, False, False)
+  assert topology.parse("v5e-256").wrap == (True, True, False)        # 16x16
+  assert topology.parse("v6e-128").wrap == (False, True, False)       # 8x16
+  assert topology.parse("v5e-16").wrap == (False, False, False)
+  assert {c.generation: c.chip_config for c in topology.CHIPS.values()} == {
+      "v4": "megacore", "v5p": "megacore", "v5e": "default", "v6e": "default"}
+
+
+def test_fsdp_weights_are_gathered_by_all_gather_on_a_v5p_128_torus():
+  """On v5p-128 (a 4x4x4 torus) the compiled FSDP step gathers each layer's weights with
+  all-gathers, as MaxText's does; compiled for an open 4x4x4 mesh (the slice without its
+  wraparound links) it gathered them with all-reduces of zero-padded buffers instead, twice the
+  bytes on the wire."""
+  import re
+  from bigmodel import aot
+  exp = config.load(["experiments/sizes/llama2_7b.gin", "experiments/runs/pretrain_llama.gin"],
+                    ["BATCH_SIZE=64", "SEQ_LEN=128", "ModelConfig.num_layers=2",
+                     "ModelConfig.d_model=256", "ModelConfig.num_heads=4", "ModelConfig.d_ff=512",
+                     "ModelConfig.vocab_size=512", "TrainConfig.train_steps=1"],
+                    defaults=aot.UNREAD_BY_COMPILE)
+  mesh = topology.make_mesh(MeshConfig(fsdp=64), topology.topology_devices(topology.parse("v5p-128")))
+  comp = Components.build(exp, mesh)
+  text = comp.train_step().lower(comp.abstract, aot.abstract_batch(comp, 64)).compile().as_text()
+  gathers = [line for line in text.splitlines() if re.search(r" all-gather\(", line)]
+  # q/k/v, attention output and the three SwiGLU matrices, in the forward and the rematted
+  # backward layer loop
+  assert len([g for g in gathers if "/while/body/" in g]) >= 10, len(gathers)
+  assert jax.default_backend() == "cpu"
+
+
 def test_loading_a_topology_leaves_the_environment_as_it_was():
   """libtpu's host-list variable is set only while it loads: left behind, it would make this
   process and its children look like TPU pod workers (bigmodel.distributed)."""
@@ -101,7 +138,7 @@ def test_topology_usage_errors(capsys):
 def test_without_libtpu_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, "libtpu", None)      # import libtpu -> ImportError
   with pytest.raises(config.ConfigError, match=r"pip install -e '\.\[tpu\]'"):
-    topology._devices.__wrapped__("v5e:2x4", "default")
+    topology._devices.__wrapped__("v5e:2x4", "default", (False, False, False))
 
 
 def _grad_hlo(mesh) -> str:
