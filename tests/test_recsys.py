@@ -92,6 +92,28 @@ def test_causal_rows_shift_by_one_and_batches_are_pure_functions_of_the_step(tmp
   assert np.all(masked == R.MASK) and np.all(a["targets"][a["weights"] > 0] >= R.FIRST_ITEM)
 
 
+def test_window_stride_overlaps_training_windows_and_keeps_targets_out(tmp_path):
+  """DataConfig.window_stride: windows end at the newest training item and then every
+  `stride` items back (BERT4Rec's sliding window); 0 keeps seq_len (no overlap)."""
+  path = _synthetic(tmp_path / "s.tsv", users=3, items=8, length=12)   # 10 training items each
+  plain = R.RecsysData.build(DataConfig(files=[path], seq_len=4), cloze=True, rc=_rc())
+  slid = R.RecsysData.build(DataConfig(files=[path], seq_len=4, window_stride=3), cloze=True,
+                            rc=_rc())
+  causal = R.RecsysData.build(DataConfig(files=[path], seq_len=4, window_stride=1), rc=_rc())
+  want_plain, want_slid, want_causal = [], [], []
+  for u in range(3):
+    t = list(plain.data.train_seq(u))
+    assert len(t) == 10
+    want_plain += [R.right_align(t[max(0, e - 4):e], 4) for e in (10, 6, 2)]
+    want_slid += [R.right_align(t[max(0, e - 4):e], 4) for e in (10, 7, 4, 1)]
+    want_causal += [R.right_align(t[max(0, e - 5):e], 5) for e in range(10, 1, -1)]
+  np.testing.assert_array_equal(plain.train, np.stack(want_plain))
+  np.testing.assert_array_equal(slid.train, np.stack(want_slid))
+  np.testing.assert_array_equal(causal.train, np.stack(want_causal))
+  with pytest.raises(DataError, match="window_stride=-2"):
+    R.RecsysData.build(DataConfig(files=[path], seq_len=4, window_stride=-2), rc=_rc())
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

@@ -18,9 +18,10 @@ and item ids are strings. Then, in order:
 
 Rows are right-aligned (padding first), so the newest item always sits at position seq_len-1.
   causal (sasrec)   a training row is a window of seq_len + 1 items of one user's training
-                    sequence (windows from the newest backwards, stride seq_len): inputs are
+                    sequence (windows end at the newest item and then every
+                    DataConfig.window_stride items back, default seq_len): inputs are
                     items 0..s-1, targets 1..s, every real target weighs 1
-  cloze (bert4rec)  a training row is a window of seq_len items; mask_probability of its items
+  cloze (bert4rec)  a training row is a window of seq_len items (the same ends); mask_probability of its items
                     (at least one) become the mask id, drawn afresh for every example key;
                     last_mask_probability of the rows instead mask only their newest item
   evaluation        the newest seq_len items of the history (cloze: seq_len - 1 and a mask
@@ -397,8 +398,12 @@ class RecsysData:
                       f"{type(tokenizer).__name__} (is the workdir another task's?)")
     data = Interactions.load(cfg, rc, tokenizer)
     s = cfg.seq_len
+    stride = cfg.window_stride or s
+    if stride < 0:
+      raise DataError(f"DataConfig.window_stride={cfg.window_stride}: expected 0 (seq_len, no "
+                      f"overlap) or a positive number of items between training windows' ends")
     train = windows([data.train_seq(u) for u in range(len(data.users))],
-                    s if cloze else s + 1, s, 1 if cloze else 2)
+                    s if cloze else s + 1, stride, 1 if cloze else 2)
     if not len(train):
       raise DataError(f"{data.source}: no training sequence is long enough")
     histories, targets = data.split(split)
