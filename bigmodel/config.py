@@ -133,7 +133,7 @@ class DataConfig:
   documents: str = "file"           # file | blank_line | line | heading: where documents split
   tokenizer: str = "char"           # char | byte | path/to/sentencepiece.model
   seq_len: int = 64
-  window_stride: int = 0            # 0: seq_len (no overlap); 1: every offset
+  window_stride: int = 0            # LM rows, recommender windows: 0 = seq_len (no overlap)
   add_eos: bool = True
   seed: int = 0
   eval_batches: int = 20
