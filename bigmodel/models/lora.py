@@ -85,28 +85,35 @@ def _fresh_heads() -> tuple[str, ...]:
   return FRESH_PARAMS
 
 
-def _select(tree, keep, top: bool = True):
-  """The sub-tree (nested dicts) of the entries `keep(name, top)` accepts, empty dicts dropped."""
+def select(tree, keep, prefix: str = "") -> dict:
+  """The sub-tree (nested dicts) of the entries whose '/'-joined path `keep(path, is_node)`
+  accepts (an accepted node whole), empty dicts dropped. train/frozen.py selects with it too."""
   out = {}
   for key, value in tree.items():
-    if keep(key, top):
+    path = f"{prefix}{key}"
+    node = isinstance(value, dict) or hasattr(value, "items")
+    if keep(path, node):
       out[key] = value
-    elif isinstance(value, dict) or hasattr(value, "items"):
-      sub = _select(value, keep, top=False)
+    elif node:
+      sub = select(value, keep, path + "/")
       if sub:
         out[key] = sub
   return out
 
 
+def _name(path: str) -> str:
+  return path.rsplit("/", 1)[-1]
+
+
 def trainable(params) -> dict:
   """The trained part of a LoRA model's params: every adapter and any fresh task head."""
   heads = _fresh_heads()
-  return _select(params, lambda k, top: is_adapter(k) or (top and k in heads))
+  return select(params, lambda path, node: is_adapter(_name(path)) or path in heads)
 
 
 def adapters(params) -> dict:
   """The adapters alone (nested like params)."""
-  return _select(params, lambda k, top: is_adapter(k))
+  return select(params, lambda path, node: is_adapter(_name(path)))
 
 
 def without_adapters(params) -> dict:

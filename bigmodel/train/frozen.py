@@ -39,18 +39,7 @@ def _matcher(patterns: Sequence[str]):
 def trainable(tree, patterns: Sequence[str]) -> dict:
   """The sub-tree (nested dicts) of the leaves no pattern matches, empty dicts dropped."""
   frozen = _matcher(patterns)
-  def select(node, prefix):
-    out = {}
-    for key, value in node.items():
-      path = f"{prefix}{key}"
-      if _is_node(value):
-        sub = select(value, path + "/")
-        if sub:
-          out[key] = sub
-      elif not frozen(path):
-        out[key] = value
-    return out
-  return select(tree, "")
+  return lora.select(tree, lambda path, node: not node and not frozen(path))
 
 
 def _paths(tree, prefix: str = "") -> list[str]:
