@@ -60,6 +60,32 @@ def test_splash_in_the_pallas_interpreter_equals_xla():
   _check_against_xla("splash", 128, interpret=True)
 
 
+@pytest.mark.parametrize("h,g", [(4, 4), (4, 2), (4, 1)])
+def test_one_query_path_equals_the_einsum_path_and_copies_no_cache(h, g):
+  """A decode step of several rows on CPU (`attention._one_query`): the einsum form's output
+  for multi-head, grouped and multi-query heads, each row attending over its own cache prefix;
+  and its compiled program holds no cache-sized transpose or copy (the einsum form's has two)."""
+  b, t, k = 3, 40, 16
+  q, _, _ = _qkv(b, 1, h, g, k, seed=1)
+  _, key, value = _qkv(b, t, h, g, k, seed=2)
+  lengths = jnp.asarray([1, 17, 40])
+  mask = (jnp.arange(t)[None, :] < lengths[:, None])[:, None, None, :]       # b 1 1 t
+  got = attention.attend(q, key, value, mask)                               # CPU: _one_query
+  want = attention._xla(q * k ** -0.5, key, value, mask, None)
+  np.testing.assert_allclose(got, want, atol=2e-6)
+  # row 0 sees one key: its output is that key's value
+  np.testing.assert_allclose(got[0, 0], jnp.repeat(value[0, 0], h // g, axis=0), atol=2e-6)
+
+  def cache_copies(fn):
+    hlo = jax.jit(fn).lower(q, key, value, mask).compile().as_text()
+    return [line for line in hlo.splitlines()
+            if ("transpose(" in line or " copy(" in line) and f"{b},{t},{g},{k}" not in line
+            and (f"[{b},{g},{k},{t}]" in line or f"[{b},{g},{t},{k}]" in line
+                 or f"[{b},{h},{k},{t}]" in line or f"[{b},{h},{t},{k}]" in line)]
+  assert not cache_copies(lambda *a: attention.attend(*a))
+  assert cache_copies(lambda q, *a: attention._xla(q, *a, None))
+
+
 def test_model_dot_product_equals_xla_and_errors_name_the_fix():
   cfg = config.ModelConfig(vocab_size=64, d_model=32, num_layers=1, num_heads=4, d_ff=64,
                            max_len=16)

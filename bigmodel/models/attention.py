@@ -12,7 +12,8 @@ boolean [b, 1, s, t] mask (the KV-cache decode path, always on `xla`).
 
 Implementations:
   xla          the scores [b, h, s, t] in float32, masked, softmax, values (the default; the CPU
-               path; attention dropout only here).
+               path; attention dropout only here). On CPU a decode step of several rows (one
+               query a row) takes `_one_query`, which reads the KV cache where it lies.
   dot_product  `jax.nn.dot_product_attention`: implementation 'cudnn' on GPU, 'xla' elsewhere.
   cudnn        the same, cuDNN required (a GPU).
   splash       the Pallas TPU splash-attention kernel (`jax.experimental.pallas.ops.tpu.
@@ -100,7 +101,10 @@ def attend(q: jax.Array, key: jax.Array, value: jax.Array, mask, *, implementati
     raise ValueError("splash attention takes Segments (segment ids and causal), not a dense mask")
   q = q * (q.shape[-1] ** -0.5)
   if implementation == "xla":
-    return _xla(q, key, value, mask.dense() if isinstance(mask, Segments) else mask, dropout)
+    dense = mask.dense() if isinstance(mask, Segments) else mask
+    if q.shape[0] > 1 and q.shape[1] == 1 and dropout is None and _platform(mesh) == "cpu":
+      return _one_query(q, key, value, dense)
+    return _xla(q, key, value, dense, dropout)
   if implementation == "splash":
     return _splash(q, key, value, mask, mesh, interpret)
   impl = "cudnn" if implementation == "cudnn" or _platform(mesh) == "gpu" else "xla"
@@ -108,6 +112,33 @@ def attend(q: jax.Array, key: jax.Array, value: jax.Array, mask, *, implementati
   dense = attention_mask(mask.q, mask.k, causal=False) if isinstance(mask, Segments) else mask
   return jax.nn.dot_product_attention(q, key, value, mask=dense, scale=1.0, is_causal=causal,
                                       implementation=impl).astype(q.dtype)
+
+
+def _one_query(q, key, value, mask):
+  """One query a row (a decode step of several rows) on CPU, over keys/values in their cache
+  layout [b, t, g, k].
+
+  The einsum form of `_xla` lowers on XLA:CPU to dots batched over (b, h), which first copy
+  the whole cache into [b, h, k, t] and [b, h, t, k] at every step. Here the dots are batched
+  over b only, so the cache is read where it lies:
+  - scores: each row's cache [t, g, k] against the block matrix [g, k, h] that holds query head
+    i's vector under key head i // r (r = h / g; zeros elsewhere);
+  - values: the probabilities [t, h] against the cache [t, g, k]; each head keeps its group's
+    block.
+  g times the attention FLOPs of the einsum form (g key/value heads), which at one query a row
+  cost less than the copies. At batch 1 XLA:CPU copies this form's cache instead (the einsum
+  form's copies are then smaller), so `attend` takes it from batch 2."""
+  b, _, h, k = q.shape
+  t, g = key.shape[1], key.shape[2]
+  groups = (jnp.arange(h)[None, :] // (h // g) == jnp.arange(g)[:, None]).astype(q.dtype)  # g h
+  blocks = jnp.einsum("bhk,gh->bgkh", q[:, 0], groups)
+  scores = jnp.einsum("btgk,bgkh->bth", key, blocks.astype(key.dtype),
+                      preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, 0, 0, :, None], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=1).astype(q.dtype)                      # b t h
+  full = jnp.einsum("bth,btgk->bhgk", probs, value)
+  out = jnp.einsum("bhgk,gh->bhk", full, groups)
+  return out[:, None].astype(q.dtype)
 
 
 def _xla(q, key, value, mask, dropout):
