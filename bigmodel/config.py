@@ -141,6 +141,11 @@ class DataConfig:
   # objective's own section (Objective.config in bigmodel/objectives): MlmConfig,
   # ClassificationConfig, NerConfig, QaConfig, PromptedConfig, MathsConfig.
 
+  def __post_init__(self):
+    if self.window_stride < 0:
+      raise ConfigError(f"DataConfig.window_stride={self.window_stride}: expected 0 (seq_len, no "
+                        f"overlap) or a positive number of tokens (items) between rows' starts")
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)

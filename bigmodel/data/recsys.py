@@ -399,9 +399,6 @@ class RecsysData:
     data = Interactions.load(cfg, rc, tokenizer)
     s = cfg.seq_len
     stride = cfg.window_stride or s
-    if stride < 0:
-      raise DataError(f"DataConfig.window_stride={cfg.window_stride}: expected 0 (seq_len, no "
-                      f"overlap) or a positive number of items between training windows' ends")
     train = windows([data.train_seq(u) for u in range(len(data.users))],
                     s if cloze else s + 1, stride, 1 if cloze else 2)
     if not len(train):
