@@ -65,9 +65,9 @@ LM_RUN = "experiments/runs/pretrain_lm.gin"
 
 # name -> (gin files, bindings). Bindings override the files; the grid flags override both.
 # The CPU points unroll the layers: XLA:CPU runs a scanned stack as a while loop whose body
-# slices the stacked params and stacks the residuals for the backward pass, which measured
-# 1.16x (GPT-2 small) to 1.28x (nanoGPT shape) slower per step here than the unrolled layers
-# (`--vary "ModelConfig.scan_layers=[True,False]"` shows both).
+# slices the stacked params and stacks the residuals for the backward pass, which is slower
+# per step than the unrolled layers (README, "Unrolled layers"; `--vary
+# "ModelConfig.scan_layers=[True,False]"` shows both).
 PRESETS: dict[str, tuple[list[str], list[str]]] = {
     # nanoGPT's CPU Shakespeare configuration (the demo): 4L/4H/128d, seq 64, batch 12, vocab 65.
     "nanogpt": (["experiments/gpt_shakespeare_char.gin"], ["ModelConfig.scan_layers = False"]),
@@ -727,8 +727,8 @@ def main(argv: list[str] | None = None) -> int:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   # PyTorch's OpenMP threads spin at barriers by default; on a machine whose cores other
-  # processes also use, a descheduled spinner stalled the baseline's steps 10-40x (measured
-  # here: 2.4 s vs 60 ms for a nanoGPT step). Sleeping waiters keep the baseline honest.
+  # processes also use, a descheduled spinner stalls the baseline's steps many times over.
+  # Sleeping waiters keep the baseline honest.
   os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   import jax
   from bigmodel import flops
