@@ -74,8 +74,8 @@ def _einsum_in_order(einsum_str: str, lhs, rhs):
   qwix's own `einsum` plans even a two-operand einsum with opt_einsum, which may swap the
   operands: 'bsd,df->bsf' becomes dot_general(weight, activation) -> [f, b, s] and a
   transpose. XLA:CPU then emits an int8 dot whose first operand is contracted on its leading
-  axis, which YNNPACK does not take, so it runs in XLA's generic loop: ~50x slower than the
-  same dot in this order (README "Smaller, faster models")."""
+  axis, which YNNPACK does not take, so it runs in XLA's generic loop, many times slower than
+  the same dot in this order (figures: README "Smaller, faster models")."""
   if "..." in einsum_str:      # '...d,df->...f' (the dense heads): name the leading axes
     ins, out = einsum_str.split("->")
     a, b = ins.split(",")
@@ -97,7 +97,7 @@ def _einsum_in_order(einsum_str: str, lhs, rhs):
 
 def _one_row_on_cpu(einsum_str: str, lhs) -> bool:
   """An int8 dot with one activation row (batch-1 decode) on XLA:CPU, which YNNPACK leaves to
-  the generic loop at one row and takes at two (~5x faster at 768 x 3072)."""
+  the generic loop at one row and takes at two (figures: README "Smaller, faster models")."""
   a, out = einsum_str.split(",")[0], einsum_str.split("->")[1]
   rows = [n for c, n in zip(a, lhs.shape) if c in out]
   return layers.on_cpu(None) and a[0] in out and int(np.prod(rows)) == 1
