@@ -85,13 +85,18 @@ def _fresh_heads() -> tuple[str, ...]:
   return FRESH_PARAMS
 
 
+def is_node(value) -> bool:
+  """Whether a params-tree entry is a sub-tree (dict, FrozenDict) rather than a leaf."""
+  return hasattr(value, "items")
+
+
 def select(tree, keep, prefix: str = "") -> dict:
   """The sub-tree (nested dicts) of the entries whose '/'-joined path `keep(path, is_node)`
   accepts (an accepted node whole), empty dicts dropped. train/frozen.py selects with it too."""
   out = {}
   for key, value in tree.items():
     path = f"{prefix}{key}"
-    node = isinstance(value, dict) or hasattr(value, "items")
+    node = is_node(value)
     if keep(path, node):
       out[key] = value
     elif node:
@@ -122,7 +127,7 @@ def without_adapters(params) -> dict:
   for key, value in params.items():
     if is_adapter(key):
       continue
-    out[key] = without_adapters(value) if hasattr(value, "items") else value
+    out[key] = without_adapters(value) if is_node(value) else value
   return out
 
 
@@ -131,9 +136,9 @@ def fill(full, part, fill_leaf=jnp.zeros_like):
   sub-tree of `full`, as `trainable` gives; train/frozen.py uses it too)."""
   out = {}
   for key, value in full.items():
-    if key in part and not hasattr(part[key], "items"):
+    if key in part and not is_node(part[key]):
       out[key] = part[key]
-    elif hasattr(value, "items"):
+    elif is_node(value):
       out[key] = fill(value, part.get(key, {}), fill_leaf)
     else:
       out[key] = fill_leaf(value)
@@ -183,7 +188,7 @@ def merge(params, cfg) -> dict:
   for key, value in params.items():
     if is_adapter(key):
       continue
-    if hasattr(value, "items"):
+    if is_node(value):
       out[key] = merge(value, cfg)
     elif key + SUFFIX_A in params:
       out[key] = _merged(value, params[key + SUFFIX_A], params[key + SUFFIX_B], scale)

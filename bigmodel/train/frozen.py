@@ -23,10 +23,6 @@ from bigmodel.config import ConfigError
 from bigmodel.models import lora
 
 
-def _is_node(value) -> bool:
-  return isinstance(value, dict) or hasattr(value, "items")
-
-
 def _matcher(patterns: Sequence[str]):
   try:
     compiled = [re.compile(p) for p in patterns]
@@ -47,7 +43,7 @@ def _paths(tree, prefix: str = "") -> list[str]:
   out = []
   for key, value in tree.items():
     path = f"{prefix}{key}"
-    out.extend(_paths(value, path + "/") if _is_node(value) else [path])
+    out.extend(_paths(value, path + "/") if lora.is_node(value) else [path])
   return out
 
 
